@@ -1,0 +1,140 @@
+"""Framework-neutral site trainer (the MONAI ``ClientAlgo`` idea: no Flower in here).
+
+The Flower handlers translate Messages into calls of this class and its results back into
+records.  Weights cross this boundary as ``{name: numpy array}`` state dicts.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from monai.losses import DiceCELoss
+from torch.utils.data import DataLoader
+
+from common.data import SiteArrays
+from common.metrics import ThresholdedScores
+from common.models import build_model, check_input_size, count_parameters
+from common.splits import Split
+from common.transforms import make_dataset, to_float_batch
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    augment: bool
+    seed: int
+
+
+class SiteTrainer:
+    """Owns one site's model and data; trains and evaluates it on the site's own splits."""
+
+    def __init__(self, site: SiteArrays, split: Split, model_name: str, device: torch.device):
+        check_input_size(model_name, site.images.shape[-1])
+        self.site = site
+        self.split = split
+        self.model_name = model_name
+        self.device = device
+        self.model = build_model(model_name, in_channels=site.images.shape[1]).to(device)
+        self.loss_fn = DiceCELoss(sigmoid=True)
+
+    # --- weights -----------------------------------------------------------------------------
+    def get_weights(self) -> dict[str, np.ndarray]:
+        return {k: v.detach().cpu().numpy() for k, v in self.model.state_dict().items()}
+
+    def set_weights(self, weights: dict[str, np.ndarray]) -> None:
+        own = self.model.state_dict()
+        missing = sorted(set(own) - set(weights))
+        extra = sorted(set(weights) - set(own))
+        if missing or extra:
+            raise ValueError(
+                f"weights do not fit model {self.model_name!r}: missing {missing[:3]}, "
+                f"unexpected {extra[:3]}"
+            )
+        new = {}
+        for k, ref in own.items():
+            arr = np.asarray(weights[k])
+            if ref.dim() == 0 and arr.size == 1:
+                arr = arr.reshape(())  # Flower serialises 0-d scalars as shape (1,)
+            if tuple(arr.shape) != tuple(ref.shape):
+                raise ValueError(
+                    f"weight {k!r} has shape {arr.shape}, model {self.model_name!r} needs "
+                    f"{tuple(ref.shape)}"
+                )
+            if not np.isfinite(arr).all():
+                raise ValueError(f"weight {k!r} holds non-finite values")
+            new[k] = torch.from_numpy(np.ascontiguousarray(arr)).to(ref.dtype)
+        self.model.load_state_dict(new)
+
+    @property
+    def num_parameters(self) -> int:
+        return count_parameters(self.model)
+
+    # --- training ----------------------------------------------------------------------------
+    def train(self, s: TrainSettings) -> dict[str, float]:
+        """Local epochs of DiceCE + Adam on the site's training split."""
+        t0 = time.time()
+        gen = torch.Generator().manual_seed(s.seed ^ zlib.crc32(self.site.name.encode()))
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        imgs, masks = self.site.subset(self.split["train"])
+        ds = make_dataset(imgs, masks, augment=s.augment)
+        ds_rng = np.random.default_rng(s.seed)
+        for t in getattr(ds.transform, "transforms", []):
+            if hasattr(t, "set_random_state"):
+                t.set_random_state(seed=int(ds_rng.integers(2**31)))
+        loader = DataLoader(
+            ds, batch_size=min(s.batch_size, len(ds)), shuffle=True, generator=gen, drop_last=False
+        )
+        opt = torch.optim.Adam(self.model.parameters(), lr=s.learning_rate)
+        self.model.train()
+        total, steps = 0.0, 0
+        for _ in range(s.epochs):
+            for batch in loader:
+                x = batch["image"].to(self.device)
+                y = batch["mask"].to(self.device)
+                if x.shape[0] < 2 and any(
+                    isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules()
+                ):
+                    continue  # batch norm cannot train on a single image
+                opt.zero_grad(set_to_none=True)
+                loss = self.loss_fn(self.model(x), y)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"site {self.site.name}: training loss became {loss}")
+                loss.backward()
+                opt.step()
+                total += float(loss.detach())
+                steps += 1
+        return {
+            "train-loss": total / max(steps, 1),
+            "num-examples": len(ds),
+            "steps": steps,
+            "seconds": time.time() - t0,
+        }
+
+    # --- evaluation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict_probs(self, images: np.ndarray, batch_size: int = 32) -> torch.Tensor:
+        self.model.eval()
+        out = []
+        for i in range(0, len(images), batch_size):
+            x = to_float_batch(images[i : i + batch_size]).to(self.device)
+            out.append(torch.sigmoid(self.model(x)).cpu())
+        return torch.cat(out) if out else torch.zeros(0, 1, *images.shape[-2:])
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        """Dice/IoU (threshold-averaged) on ``split`` (train, val, test or all)."""
+        t0 = time.time()
+        idx = list(range(len(self.site))) if split == "all" else self.split[split]
+        if not idx:
+            return {"dice": float("nan"), "iou": float("nan"), "n": 0, "seconds": 0.0}
+        imgs, masks = self.site.subset(idx)
+        scores = ThresholdedScores()
+        scores.update(self.predict_probs(imgs), torch.from_numpy(masks.astype(np.float32)))
+        res = scores.result()
+        res["seconds"] = time.time() - t0
+        return res

@@ -1,0 +1,165 @@
+"""Typed run and node configuration.
+
+Flower hands both configs over as flat ``{kebab-case-key: scalar}`` dicts
+(``[tool.flwr.app.config]`` + ``flwr run --run-config``, and ``--node-config``).
+They are parsed exactly once per entry point into the pydantic models below; code deeper in
+the app receives the typed object, never the raw dict.  Unknown keys, wrong types and
+out-of-range values raise :class:`ConfigError`, whose message names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from common.models import MODEL_NAMES
+
+Method = Literal["fedavg"]
+METHODS: tuple[str, ...] = ("fedavg",)
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, mistyped or out of range."""
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=_kebab,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+        strict=False,
+    )
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any], *, source: str) -> _Strict:
+        """Validate a flat Flower config dict, turning pydantic errors into one clear message."""
+        try:
+            return cls.model_validate(dict(raw))
+        except ValidationError as exc:
+            raise ConfigError(_explain(cls, exc, source)) from None
+
+    def to_flat(self) -> dict[str, Any]:
+        """The resolved config with its kebab-case keys (what ``config.json`` stores)."""
+        return self.model_dump(by_alias=True)
+
+
+def _explain(cls: type[BaseModel], exc: ValidationError, source: str) -> str:
+    known = sorted(f.alias or n for n, f in cls.model_fields.items())
+    lines = [f"invalid {source} ({exc.error_count()} problem(s)):"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  - unknown key '{key}'; known keys: {', '.join(known)}")
+            continue
+        field = next(
+            (f for n, f in cls.model_fields.items() if (f.alias or n) == key), None
+        )
+        allowed = _allowed(field) if field is not None else ""
+        got = err.get("input")
+        lines.append(f"  - '{key}': {err['msg']} (got {got!r}){allowed}")
+    return "\n".join(lines)
+
+
+def _allowed(field: Any) -> str:
+    parts = []
+    ann = field.annotation
+    args = getattr(ann, "__args__", None)
+    if getattr(ann, "__origin__", None) is Literal and args:
+        parts.append("one of " + ", ".join(repr(a) for a in args))
+    for meta in field.metadata:
+        for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            val = getattr(meta, attr, None)
+            if val is not None:
+                parts.append(f"{sym} {val}")
+    if field.description:
+        parts.append(field.description)
+    return f"; allowed: {', '.join(parts)}" if parts else ""
+
+
+class RunConfig(_Strict):
+    """Everything the federation agrees on for one run (``[tool.flwr.app.config]``)."""
+
+    method: Method = "fedavg"
+    num_rounds: int = Field(4, ge=1, le=10_000)
+    seed: int = Field(0, ge=0)
+    # data
+    data_root: str = Field("", description="empty = built-in phantom sites")
+    phantom_images_per_site: int = Field(64, ge=8, le=10_000)
+    image_size: int = Field(64, ge=16, le=1024)
+    val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    split_file: str = ""
+    split_group_regex: str = "^(\\d+)_"
+    strict_data: bool = False
+    augment: bool = True
+    # site model and local training
+    model: str = Field("unet", description=f"a registered model: {', '.join(MODEL_NAMES)}")
+    local_epochs: int = Field(3, ge=1, le=1000)
+    batch_size: int = Field(8, ge=1, le=4096)
+    learning_rate: float = Field(2e-3, gt=0.0, le=1.0)
+    # sampling and deadlines
+    min_sites: int = Field(2, ge=1)
+    sampling_deadline_s: float = Field(120.0, gt=0.0)
+    round_timeout_s: float = Field(900.0, gt=0.0)
+    holdout_site: str = ""
+    # outputs and machine
+    runs_root: str = "runs"
+    run_dir: str = ""
+    device: Device = "auto"
+    num_threads: int = Field(1, ge=1, le=256)
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        if v not in MODEL_NAMES:
+            raise ValueError(f"unknown model {v!r}")
+        return v
+
+    @field_validator("test_fraction")
+    @classmethod
+    def _fractions(cls, v: float, info: Any) -> float:
+        val = info.data.get("val_fraction", 0.0)
+        if val + v >= 0.9:
+            raise ValueError(f"val-fraction + test-fraction must be < 0.9 (got {val} + {v})")
+        return v
+
+
+class NodeConfig(_Strict):
+    """One SuperNode's own settings (``flower-supernode --node-config``).
+
+    In simulation Flower sets ``partition-id`` and ``num-partitions``; a deployed site sets
+    ``data-dir`` (its own image/mask folder) and optionally its model, device and threads.
+    """
+
+    partition_id: int | None = Field(None, ge=0)
+    num_partitions: int | None = Field(None, ge=1)
+    data_dir: str = Field("", description="this site's folder with images/ and masks/")
+    site_name: str = ""
+    phantom_id: int | None = Field(None, ge=0, description="use built-in phantom site N")
+    model: str = Field("", description=f"empty = the run's model; else one of {', '.join(MODEL_NAMES)}")
+    device: Device | Literal[""] = ""
+    num_threads: int = Field(0, ge=0, le=256, description="0 = the run's num-threads")
+    cache_dir: str = ""
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        if v and v not in MODEL_NAMES:
+            raise ValueError(f"unknown model {v!r}")
+        return v
+
+
+def parse_run_config(raw: Mapping[str, Any]) -> RunConfig:
+    return RunConfig.parse(raw, source="run config")  # type: ignore[return-value]
+
+
+def parse_node_config(raw: Mapping[str, Any]) -> NodeConfig:
+    return NodeConfig.parse(raw, source="node config")  # type: ignore[return-value]

@@ -1,0 +1,256 @@
+"""Site data: an ``images/`` + ``masks/`` folder with matching file stems.
+
+Loading validates every pair and reports problems per file (missing mask, unreadable or
+truncated image, size mismatch, multi-channel or unexpected mask values, empty folder).
+``strict=True`` fails on the first report; the default skips bad pairs and records them in the
+:class:`DataReport`, which travels with the loaded arrays so operators can see what was dropped.
+
+Images are converted to 3-channel RGB (grayscale is replicated, the source channel count is kept),
+resized to ``image_size``x``image_size`` and stored as uint8; masks become {0,1} uint8 foreground
+(any label > 0).  A decoded site is cached on disk (keyed by file names, sizes, mtimes and the
+image size) because Flower may start a fresh ClientApp process for every message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+MAX_LABEL = 10  # masks may hold small integer labels 0..MAX_LABEL; foreground = label > 0
+CACHE_VERSION = 1
+
+
+class SiteDataError(RuntimeError):
+    """The site folder cannot be used (missing, empty, or bad files in strict mode)."""
+
+
+@dataclass
+class Problem:
+    path: str
+    reason: str
+
+
+@dataclass
+class DataReport:
+    folder: str
+    n_images: int = 0
+    n_masks: int = 0
+    n_loaded: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    source_channels: list[int] = field(default_factory=list)
+
+    def add(self, path: Path | str, reason: str) -> None:
+        self.problems.append(Problem(str(path), reason))
+
+    def summary(self, max_paths: int = 5) -> str:
+        if not self.problems:
+            return f"{self.folder}: {self.n_loaded} pairs loaded, no problems"
+        by_reason: dict[str, list[str]] = {}
+        for p in self.problems:
+            by_reason.setdefault(p.reason.split(":")[0], []).append(p.path)
+        parts = [
+            f"{len(paths)} x {reason} (first: {', '.join(paths[:max_paths])})"
+            for reason, paths in by_reason.items()
+        ]
+        return (
+            f"{self.folder}: {len(self.problems)} problem(s), {self.n_loaded} pairs loaded; "
+            + "; ".join(parts)
+        )
+
+    def to_json(self) -> dict:
+        return {
+            "folder": self.folder,
+            "n_images": self.n_images,
+            "n_masks": self.n_masks,
+            "n_loaded": self.n_loaded,
+            "problems": [{"path": p.path, "reason": p.reason} for p in self.problems],
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> DataReport:
+        r = cls(d["folder"], d["n_images"], d["n_masks"], d["n_loaded"])
+        r.problems = [Problem(p["path"], p["reason"]) for p in d["problems"]]
+        return r
+
+
+@dataclass
+class SiteArrays:
+    """A site's decoded pairs: ``images`` (N,3,S,S) uint8, ``masks`` (N,1,S,S) uint8 in {0,1}."""
+
+    name: str
+    images: np.ndarray
+    masks: np.ndarray
+    stems: list[str]
+    report: DataReport
+    source_channels: int = 3
+
+    def __len__(self) -> int:
+        return len(self.stems)
+
+    def subset(self, idx: list[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        idx = np.asarray(idx, dtype=np.int64)
+        return self.images[idx], self.masks[idx]
+
+
+def _list_files(folder: Path) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."):
+            out.setdefault(p.stem, p)
+    return out
+
+
+def _read_image(path: Path) -> Image.Image:
+    with Image.open(path) as im:
+        im.load()  # forces full decode: truncated files fail here, not later
+        return im.copy()
+
+
+def _mask_array(im: Image.Image) -> np.ndarray:
+    """A single-channel integer array, or ValueError saying why the mask is not usable."""
+    if im.mode in ("L", "1", "P", "I", "I;16", "I;16B", "I;16L", "F"):
+        arr = np.asarray(im)
+    elif im.mode in ("RGB", "RGBA", "LA"):
+        a = np.asarray(im)
+        chans = a[..., :3] if im.mode != "LA" else a[..., :1]
+        if chans.shape[-1] > 1 and not (chans == chans[..., :1]).all():
+            raise ValueError(f"mask has {chans.shape[-1]} channels with different values")
+        arr = chans[..., 0]
+    else:
+        raise ValueError(f"unsupported mask mode {im.mode}")
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all() or (arr != np.round(arr)).any():
+            raise ValueError("unexpected mask values: non-integer values")
+    arr = arr.astype(np.int64)
+    vals = np.unique(arr)
+    if vals.min() < 0:
+        raise ValueError("unexpected mask values: negative labels")
+    if set(vals.tolist()) <= {0, 255} or vals.max() <= MAX_LABEL:
+        return (arr > 0).astype(np.uint8)
+    shown = ", ".join(str(v) for v in vals[:8])
+    raise ValueError(
+        f"unexpected mask values: {len(vals)} distinct values ({shown}...), "
+        f"expected {{0,255}}, {{0,1}} or labels 0..{MAX_LABEL}"
+    )
+
+
+def _resize_pair(img: Image.Image, mask01: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    img = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    m = Image.fromarray(mask01 * 255).resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(img).transpose(2, 0, 1).copy(), (np.asarray(m)[None] >= 128).astype(np.uint8)
+
+
+def _fingerprint(folder: Path, files: list[Path], image_size: int) -> str:
+    h = hashlib.sha256(f"v{CACHE_VERSION}|{folder.resolve()}|{image_size}|{MAX_LABEL}".encode())
+    for p in files:
+        st = p.stat()
+        h.update(f"|{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:24]
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("DSFEDMED_CACHE_DIR")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dsfedmed"
+
+
+def load_site_folder(
+    folder: str | Path,
+    image_size: int,
+    *,
+    strict: bool = False,
+    name: str | None = None,
+    cache_dir: str | Path | None = None,
+) -> SiteArrays:
+    """Load and validate a site folder; see the module docstring for the rules."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise SiteDataError(f"site data folder not found: {folder}")
+    img_dir, mask_dir = folder / "images", folder / "masks"
+    for d in (img_dir, mask_dir):
+        if not d.is_dir():
+            raise SiteDataError(f"site folder {folder} has no '{d.name}/' sub-folder")
+    images, masks = _list_files(img_dir), _list_files(mask_dir)
+    if not images:
+        raise SiteDataError(f"empty folder: no image files ({', '.join(IMAGE_EXTS)}) in {img_dir}")
+    name = name or folder.name
+
+    cache_file = None
+    if cache_dir is not None:
+        fp = _fingerprint(folder, list(images.values()) + list(masks.values()), image_size)
+        cache_file = Path(cache_dir) / f"site-{fp}-{'strict' if strict else 'skip'}.npz"
+        if cache_file.is_file():
+            try:
+                with np.load(cache_file, allow_pickle=False) as z:
+                    report = DataReport.from_json(json.loads(str(z["report"])))
+                    return SiteArrays(
+                        name, z["images"], z["masks"], list(z["stems"]), report,
+                        int(z["source_channels"]),
+                    )
+            except Exception:  # a corrupt cache is rebuilt, never trusted
+                cache_file.unlink(missing_ok=True)
+
+    report = DataReport(str(folder), n_images=len(images), n_masks=len(masks))
+    out_img, out_mask, stems, chans = [], [], [], []
+    for stem in sorted(set(masks) - set(images)):
+        report.add(masks[stem], "mask without image")
+    for stem, ipath in images.items():
+        mpath = masks.get(stem)
+        if mpath is None:
+            report.add(ipath, "missing mask")
+            continue
+        try:
+            img = _read_image(ipath)
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            report.add(ipath, f"unreadable or truncated image: {exc}")
+            continue
+        try:
+            mimg = _read_image(mpath)
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            report.add(mpath, f"unreadable or truncated mask: {exc}")
+            continue
+        if img.size != mimg.size:
+            report.add(mpath, f"mask/image size mismatch: image {img.size}, mask {mimg.size}")
+            continue
+        try:
+            m01 = _mask_array(mimg)
+        except ValueError as exc:
+            report.add(mpath, str(exc))
+            continue
+        a, m = _resize_pair(img, m01, image_size)
+        chans.append(1 if img.mode in ("L", "I", "I;16", "F", "1", "LA") else 3)
+        out_img.append(a)
+        out_mask.append(m)
+        stems.append(stem)
+    report.n_loaded = len(stems)
+    if strict and report.problems:
+        raise SiteDataError("strict data check failed: " + report.summary())
+    if not stems:
+        raise SiteDataError("no usable image/mask pairs: " + report.summary())
+    src_ch = 1 if chans and max(chans) == 1 else 3
+    site = SiteArrays(name, np.stack(out_img), np.stack(out_mask), stems, report, src_ch)
+    if cache_file is not None:
+        _write_cache(cache_file, site)
+    return site
+
+
+def _write_cache(path: Path, site: SiteArrays) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
+    np.savez(
+        tmp,
+        images=site.images,
+        masks=site.masks,
+        stems=np.array(site.stems),
+        report=np.array(json.dumps(site.report.to_json())),
+        source_channels=np.array(site.source_channels),
+    )
+    os.replace(tmp, path)  # atomic: a concurrent reader sees the old or the new file

@@ -1,0 +1,95 @@
+"""Which data a SuperNode trains on, resolved from run config + node config.
+
+Order: node ``data-dir`` (deployment) > node ``phantom-id`` > run ``data-root`` (simulation: the
+virtual SuperNode with ``partition-id`` k gets the k-th site folder in sorted order) > built-in
+phantom site ``partition-id``.  The loaded site is cached in-process (Ray actors live for the whole
+simulation) and on disk (process-isolated ClientApps start fresh for every message).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from common.config import NodeConfig, RunConfig
+from common.data import SiteArrays, SiteDataError, default_cache_dir, load_site_folder
+from common.phantoms import phantom_site
+from common.splits import Split, load_split_file, make_splits
+
+
+@dataclass(frozen=True)
+class SiteSource:
+    name: str
+    folder: str | None  # None = built-in phantom
+    phantom_index: int | None = None
+
+
+def list_site_folders(root: str | Path) -> list[Path]:
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise SiteDataError(f"data-root not found: {root}")
+    sites = sorted(p for p in root.iterdir() if (p / "images").is_dir())
+    if not sites:
+        raise SiteDataError(f"data-root {root} holds no site folder with an images/ sub-folder")
+    return sites
+
+
+def resolve_site(run: RunConfig, node: NodeConfig) -> SiteSource:
+    if node.data_dir:
+        folder = Path(node.data_dir).expanduser()
+        return SiteSource(node.site_name or folder.name, str(folder))
+    if node.phantom_id is not None:
+        return SiteSource(node.site_name or f"phantom-{node.phantom_id}", None, node.phantom_id)
+    if node.partition_id is None:
+        raise SiteDataError(
+            "this SuperNode has no data: set node config 'data-dir' to its site folder "
+            "(or 'phantom-id' for a built-in phantom site)"
+        )
+    if run.data_root:
+        sites = list_site_folders(run.data_root)
+        if node.partition_id >= len(sites):
+            raise SiteDataError(
+                f"partition-id {node.partition_id} has no site: data-root {run.data_root} holds "
+                f"{len(sites)} site(s) ({', '.join(p.name for p in sites)}); run at most that many "
+                "SuperNodes"
+            )
+        folder = sites[node.partition_id]
+        return SiteSource(node.site_name or folder.name, str(folder))
+    return SiteSource(
+        node.site_name or f"phantom-{node.partition_id}", None, node.partition_id
+    )
+
+
+@lru_cache(maxsize=8)
+def _load_cached(
+    source: SiteSource, image_size: int, strict: bool, phantom_n: int, seed: int, cache_dir: str
+) -> SiteArrays:
+    if source.folder is None:
+        site = phantom_site(int(source.phantom_index or 0), phantom_n, image_size, seed)
+        site.name = source.name
+        return site
+    return load_site_folder(
+        source.folder, image_size, strict=strict, name=source.name, cache_dir=cache_dir or None
+    )
+
+
+def load_site(run: RunConfig, node: NodeConfig) -> tuple[SiteArrays, Split]:
+    """The site's arrays and its deterministic split."""
+    source = resolve_site(run, node)
+    cache_dir = node.cache_dir or str(default_cache_dir() / "sites")
+    site = _load_cached(
+        source, run.image_size, run.strict_data, run.phantom_images_per_site, run.seed, cache_dir
+    )
+    if run.split_file:
+        split = load_split_file(run.split_file, site.stems, site.name)
+    else:
+        split = make_splits(
+            site.stems,
+            seed=run.seed,
+            site=site.name,
+            val_fraction=run.val_fraction,
+            test_fraction=run.test_fraction,
+            group_regex=run.split_group_regex,
+        )
+    return site, split

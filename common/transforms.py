@@ -1,0 +1,59 @@
+"""MONAI transforms: uint8 site arrays -> float tensors, with optional augmentation."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from monai.data import Dataset
+from monai.transforms import (
+    Compose,
+    EnsureTyped,
+    Lambdad,
+    RandAdjustContrastd,
+    RandAffined,
+    RandFlipd,
+    RandGaussianNoised,
+    RandRotate90d,
+    RandScaleIntensityd,
+)
+
+
+def _to_unit(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float32) / 255.0
+
+
+def train_transforms(augment: bool) -> Compose:
+    base = [
+        Lambdad("image", _to_unit),
+        Lambdad("mask", lambda m: m.astype(np.float32)),
+    ]
+    aug = [
+        RandFlipd(["image", "mask"], prob=0.5, spatial_axis=0),
+        RandFlipd(["image", "mask"], prob=0.5, spatial_axis=1),
+        RandRotate90d(["image", "mask"], prob=0.5, max_k=3),
+        RandAffined(
+            ["image", "mask"],
+            prob=0.3,
+            rotate_range=0.3,
+            scale_range=0.15,
+            mode=("bilinear", "nearest"),
+            padding_mode="reflection",
+        ),
+        RandScaleIntensityd("image", factors=0.15, prob=0.3),
+        RandAdjustContrastd("image", gamma=(0.8, 1.25), prob=0.3),
+        RandGaussianNoised("image", std=0.02, prob=0.2),
+    ]
+    return Compose(base + (aug if augment else []) + [EnsureTyped(["image", "mask"], track_meta=False)])
+
+
+def eval_transforms() -> Compose:
+    return train_transforms(augment=False)
+
+
+def make_dataset(images: np.ndarray, masks: np.ndarray, augment: bool) -> Dataset:
+    data = [{"image": i, "mask": m} for i, m in zip(images, masks, strict=True)]
+    return Dataset(data, transform=train_transforms(augment))
+
+
+def to_float_batch(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images.astype(np.float32) / 255.0)

@@ -1,0 +1,82 @@
+"""Flower ServerApp entry: parse the run config once, make the run directory, run the method."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from common.codec import to_array_record
+from common.config import ConfigError, parse_run_config
+from common.models import build_model, count_parameters
+from common.runtime import configure_threads
+from server_app.fedavg import DeadlineFedAvg
+from server_app.federation import Federation, FederationStopped
+from server_app.rundir import RunDirectory
+
+log = logging.getLogger("dsfedmed.server")
+app = ServerApp()
+
+
+def _setup_logging() -> None:
+    if not log.handlers:
+        h = logging.StreamHandler(sys.stdout)
+        h.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        log.addHandler(h)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    _setup_logging()
+    try:
+        cfg = parse_run_config(context.run_config)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        raise
+    configure_threads(cfg.num_threads)
+    rundir = RunDirectory.create(cfg.runs_root, cfg.run_dir, cfg.method)
+    print(f"DSFedMed run directory: {rundir.path}", flush=True)
+    log.info("run directory: %s", rundir.path)
+    rundir.write_json("config.json", {"run_config": cfg.to_flat()})
+
+    model = build_model(cfg.model)
+    log.info("method %s, model %s (%d parameters)", cfg.method, cfg.model, count_parameters(model))
+    fed = Federation(grid)
+    strategy = DeadlineFedAvg(cfg, fed, rundir)
+    t0 = time.time()
+    try:
+        strategy.start(
+            grid,
+            to_array_record({k: v.numpy() for k, v in model.state_dict().items()}),
+            num_rounds=cfg.num_rounds,
+            timeout=cfg.round_timeout_s,
+        )
+    except FederationStopped as exc:
+        rows = rundir.read_metrics()
+        rundir.write_json(
+            "summary.json",
+            {
+                "status": "stopped",
+                "reason": str(exc),
+                "method": cfg.method,
+                "rounds": max((r["round"] for r in rows), default=0),
+                "bytes_total": fed.traffic.total_down + fed.traffic.total_up,
+                "wall_seconds": time.time() - t0,
+            },
+        )
+        log.error("federation stopped: %s (see %s)", exc, rundir.path / "summary.json")
+        raise
+    summary = {"run_dir": str(rundir.path), "model_params": count_parameters(model), **strategy.summary_data}
+    rundir.write_json("config.json", {"run_config": cfg.to_flat(), "site_profiles": strategy.profiles})
+    rundir.write_json("summary.json", summary)
+    log.info(
+        "done: test Dice mean %.3f (untrained %.3f), %.1f MB exchanged, %.0f s. Run directory: %s",
+        summary["dice_test_mean"] or 0.0, summary["dice_test_initial_mean"] or 0.0,
+        summary["bytes_total"] / 1e6, summary["wall_seconds"], rundir.path,
+    )
+    print(f"DSFedMed run finished: {rundir.path / 'summary.json'}", flush=True)

@@ -1,0 +1,302 @@
+"""FedAvg baseline (the paper's FedU-Net family) on Flower's message-based ``FedAvg``.
+
+Flower's ``FedAvg`` gives the weighted averaging and message construction; this subclass adds
+what a hospital federation needs around it: a site roster from ``query.profile`` with a
+consistency check, deadline-bounded sampling, validation of every reply before it is averaged,
+an optional held-out site (leave-one-site-out), per-round metrics and traffic, and checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.result import Result
+
+from common import protocol as P
+from common.codec import from_array_record
+from common.config import RunConfig
+from server_app.federation import Exchange, Federation, FederationStopped
+from server_app.plots import plot_dice
+from server_app.rundir import RunDirectory
+
+log = logging.getLogger("dsfedmed.server")
+
+
+class DeadlineFedAvg(FedAvg):
+    def __init__(self, cfg: RunConfig, federation: Federation, rundir: RunDirectory):
+        super().__init__(
+            min_train_nodes=cfg.min_sites,
+            min_evaluate_nodes=cfg.min_sites,
+            min_available_nodes=cfg.min_sites,
+            weighted_by_key=P.MET_NUM_EXAMPLES,
+            arrayrecord_key=P.KEY_ARRAYS,
+            configrecord_key=P.KEY_CONFIG,
+        )
+        self.cfg = cfg
+        self.fed = federation
+        self.rundir = rundir
+        self.train_nodes: list[int] = []  # roster of training sites (holdout excluded)
+        self.holdout_node: int | None = None
+        self.profiles: dict[str, dict] = {}
+
+    # --- roster ----------------------------------------------------------------------------
+    def profile_sites(self) -> None:
+        """``query.profile`` every connected site; refuse to start on an inconsistent federation."""
+        cfg = self.cfg
+        nodes = self.fed.wait_for_nodes(cfg.min_sites, cfg.sampling_deadline_s)
+        msgs = [self.fed.make(n, P.MSG_QUERY_PROFILE, RecordDict()) for n in nodes]
+        ex = self.fed.send(msgs, cfg.round_timeout_s)
+        by_site: dict[str, int] = {}
+        for msg in msgs:
+            node = msg.metadata.dst_node_id
+            rep = next(
+                (r for r in ex.replies.values() if r.metadata.src_node_id == node), None
+            )
+            if rep is None:
+                continue
+            prof = dict(rep.content.config_records[P.KEY_PROFILE])
+            name = str(prof["site"])
+            if name in by_site:
+                raise FederationStopped(
+                    f"two SuperNodes report the same site name {name!r} (nodes {by_site[name]} "
+                    f"and {node}); give each site a distinct data-dir or site-name"
+                )
+            by_site[name] = node
+            self.fed.sites[node] = name
+            self.profiles[name] = prof
+        for site, reason in ex.errors.items():
+            log.error("site %s cannot join: %s", site, reason)
+        problems = []
+        for name, prof in self.profiles.items():
+            if prof.get("model") != cfg.model:
+                problems.append(
+                    f"site {name} runs model {prof.get('model')!r} but method {cfg.method} "
+                    f"averages weights of one model ({cfg.model!r}); remove its node-config 'model'"
+                )
+            if int(prof.get("image-size", -1)) != cfg.image_size:
+                problems.append(f"site {name} has image-size {prof.get('image-size')}")
+            if prof.get("versions") != next(iter(self.profiles.values())).get("versions"):
+                log.warning("site %s runs different package versions: %s", name, prof.get("versions"))
+        if problems:
+            raise FederationStopped("inconsistent federation: " + "; ".join(problems))
+        if cfg.holdout_site:
+            if cfg.holdout_site not in by_site:
+                raise FederationStopped(
+                    f"holdout-site {cfg.holdout_site!r} is not among the connected sites "
+                    f"({', '.join(sorted(by_site))})"
+                )
+            self.holdout_node = by_site[cfg.holdout_site]
+        self.train_nodes = sorted(n for n in by_site.values() if n != self.holdout_node)
+        if len(self.train_nodes) < cfg.min_sites:
+            raise FederationStopped(
+                f"{len(self.train_nodes)} training site(s) usable "
+                f"({', '.join(self.fed.site_of(n) for n in self.train_nodes) or 'none'}); "
+                f"min-sites is {cfg.min_sites}; errors: {ex.errors or 'none'}"
+            )
+        log.info(
+            "federation: %d training site(s): %s%s",
+            len(self.train_nodes),
+            ", ".join(self.fed.site_of(n) for n in self.train_nodes),
+            f"; held out: {cfg.holdout_site}" if cfg.holdout_site else "",
+        )
+
+    # --- Flower strategy hooks ---------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        nodes = self.fed.wait_for_nodes(
+            self.cfg.min_sites, self.cfg.sampling_deadline_s, among=self.train_nodes
+        )
+        config[P.CFG_ROUND] = server_round
+        record = RecordDict({P.KEY_ARRAYS: arrays, P.KEY_CONFIG: config})
+        return [self.fed.make(n, P.MSG_TRAIN, record, server_round) for n in nodes]
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        nodes = [n for n in grid.get_node_ids() if n in self.train_nodes]
+        config[P.CFG_ROUND] = server_round
+        record = RecordDict({P.KEY_ARRAYS: arrays, P.KEY_CONFIG: config})
+        return [self.fed.make(n, P.MSG_EVALUATE, record, server_round) for n in nodes]
+
+    def validate_train_reply(self, site: str, msg: Message, reference: ArrayRecord) -> str | None:
+        """Why a train reply cannot be averaged, or None when it is fine."""
+        content = msg.content
+        if P.KEY_ARRAYS not in content.array_records:
+            return f"no '{P.KEY_ARRAYS}' record"
+        if P.KEY_METRICS not in content.metric_records:
+            return f"no '{P.KEY_METRICS}' record"
+        n = content.metric_records[P.KEY_METRICS].get(P.MET_NUM_EXAMPLES)
+        if not isinstance(n, int | float) or not np.isfinite(n) or n <= 0:
+            return f"'{P.MET_NUM_EXAMPLES}' is {n!r}, expected a positive number"
+        got = content.array_records[P.KEY_ARRAYS]
+        if set(got.keys()) != set(reference.keys()):
+            return "weights do not match the global model's keys"
+        for k, ref in reference.items():
+            arr = got[k]
+            if tuple(arr.shape) != tuple(ref.shape):
+                return f"weight {k!r} has shape {tuple(arr.shape)}, expected {tuple(ref.shape)}"
+            val = arr.numpy()
+            if val.dtype.kind in "fc" and not np.isfinite(val).all():
+                return f"weight {k!r} holds non-finite values"
+        return None
+
+    # --- the round loop ----------------------------------------------------------------------
+    def _evaluate(self, arrays: ArrayRecord, server_round: int, split: str, nodes: list[int]) -> Exchange:
+        cfg = ConfigRecord({P.CFG_SPLIT: split, P.CFG_MODEL: self.cfg.model, P.CFG_ROUND: server_round})
+        record = RecordDict({P.KEY_ARRAYS: arrays, P.KEY_CONFIG: cfg})
+        live = set(self.fed.grid.get_node_ids())
+        msgs = [self.fed.make(n, P.MSG_EVALUATE, record, server_round) for n in nodes if n in live]
+        return self.fed.send(msgs, self.cfg.round_timeout_s)
+
+    @staticmethod
+    def _scores(ex: Exchange) -> dict[str, dict]:
+        out = {}
+        for site, rep in ex.replies.items():
+            m = rep.content.metric_records.get(P.KEY_METRICS)
+            if m is None:
+                ex.errors[site] = "evaluate reply without metrics"
+                continue
+            out[site] = {
+                "dice": float(m.get(P.MET_DICE, float("nan"))),
+                "iou": float(m.get(P.MET_IOU, float("nan"))),
+                "n": int(m.get(P.MET_NUM_EXAMPLES, 0)),
+            }
+        return out
+
+    @staticmethod
+    def _mean(scores: dict[str, dict], key: str) -> float | None:
+        vals = [s[key] for s in scores.values() if s.get("n", 0) > 0 and np.isfinite(s[key])]
+        return float(np.mean(vals)) if vals else None
+
+    def start(  # type: ignore[override]
+        self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int, timeout: float, **_: object
+    ) -> Result:
+        cfg, fed = self.cfg, self.fed
+        t_run = time.time()
+        result = Result()
+        self.profile_sites()
+        arrays = initial_arrays
+
+        # round 0: the untrained model, on validation (curve) and test (baseline for the summary)
+        t0, before = time.time(), (dict(fed.traffic.down), dict(fed.traffic.up))
+        ev = self._evaluate(arrays, 0, "val", self.train_nodes)
+        initial_test = self._scores(self._evaluate(arrays, 0, "test", self.train_nodes))
+        self._log_row(0, self._scores(ev), {}, ev, None, before, t0)
+
+        completed = 0
+        for rnd in range(1, num_rounds + 1):
+            t0, before = time.time(), (dict(fed.traffic.down), dict(fed.traffic.up))
+            log.info("[round %d/%d]", rnd, num_rounds)
+            train_cfg = ConfigRecord({P.CFG_MODEL: cfg.model})
+            ex = fed.send(self.configure_train(rnd, arrays, train_cfg, grid), timeout)
+            valid, losses = [], {}
+            for site, rep in ex.replies.items():
+                why = self.validate_train_reply(site, rep, arrays)
+                if why:
+                    ex.errors[site] = f"rejected train reply: {why}"
+                    log.warning("site %s: %s", site, ex.errors[site])
+                    continue
+                valid.append(rep)
+                losses[site] = float(rep.content.metric_records[P.KEY_METRICS].get(P.MET_LOSS, np.nan))
+            if len(valid) < cfg.min_sites:
+                raise FederationStopped(
+                    f"round {rnd}: {len(valid)} usable train repl(ies), min-sites is {cfg.min_sites}; "
+                    f"errors: {ex.errors or 'none'}; no answer: {ex.timeouts or 'none'}"
+                )
+            new_arrays, agg = self.aggregate_train(rnd, valid)
+            if new_arrays is not None:
+                arrays = new_arrays
+                result.arrays = arrays
+            if agg is not None:
+                result.train_metrics_clientapp[rnd] = agg
+            eval_cfg = ConfigRecord({P.CFG_SPLIT: "val", P.CFG_MODEL: cfg.model})
+            ev = fed.send(self.configure_evaluate(rnd, arrays, eval_cfg, grid), timeout)
+            scores = self._scores(ev)
+            result.evaluate_metrics_clientapp[rnd] = MetricRecord(
+                {"dice-mean": self._mean(scores, "dice") or 0.0}
+            )
+            self._log_row(rnd, scores, losses, ev, ex, before, t0)
+            self.rundir.save_checkpoint(
+                f"global_round_{rnd:03d}.pt", from_array_record(arrays),
+                {"round": rnd, "model": cfg.model, "method": cfg.method},
+            )
+            completed = rnd
+
+        final = self._scores(self._evaluate(arrays, num_rounds, "test", self.train_nodes))
+        holdout = None
+        if self.holdout_node is not None:
+            hs = self._scores(self._evaluate(arrays, num_rounds, "all", [self.holdout_node]))
+            holdout = {"site": cfg.holdout_site, **hs.get(cfg.holdout_site, {"dice": None, "iou": None, "n": 0})}
+        self.rundir.save_checkpoint(
+            "global_final.pt", from_array_record(arrays),
+            {"round": completed, "model": cfg.model, "method": cfg.method},
+        )
+        self.summary_data = {
+            "status": "completed",
+            "method": cfg.method,
+            "model": cfg.model,
+            "rounds": completed,
+            "sites": [fed.site_of(n) for n in self.train_nodes],
+            "test": final,
+            "dice_test_mean": self._mean(final, "dice"),
+            "iou_test_mean": self._mean(final, "iou"),
+            "initial_test": initial_test,
+            "dice_test_initial_mean": self._mean(initial_test, "dice"),
+            "holdout": holdout,
+            "bytes_down_total": fed.traffic.total_down,
+            "bytes_up_total": fed.traffic.total_up,
+            "bytes_total": fed.traffic.total_down + fed.traffic.total_up,
+            "wall_seconds": time.time() - t_run,
+        }
+        return result
+
+    def _log_row(self, rnd, scores, losses, ev, train_ex, before, t0) -> None:
+        fed = self.fed
+        per_site = {}
+        for site in set(fed.traffic.down) | set(fed.traffic.up):
+            d = fed.traffic.down.get(site, 0) - before[0].get(site, 0)
+            u = fed.traffic.up.get(site, 0) - before[1].get(site, 0)
+            if d or u:
+                per_site[site] = {"down": d, "up": u}
+        sites = {}
+        for site, s in scores.items():
+            sites[site] = dict(s)
+            if site in losses:
+                sites[site]["train_loss"] = losses[site]
+        errors = dict(ev.errors)
+        timeouts = list(ev.timeouts)
+        if train_ex is not None:
+            errors.update({s: r for s, r in train_ex.errors.items()})
+            timeouts = sorted(set(timeouts) | set(train_ex.timeouts))
+        row = {
+            "round": rnd,
+            "sites": sites,
+            "dice_mean": self._mean(scores, "dice"),
+            "iou_mean": self._mean(scores, "iou"),
+            "bytes_down": sum(v["down"] for v in per_site.values()),
+            "bytes_up": sum(v["up"] for v in per_site.values()),
+            "bytes_per_site": per_site,
+            "seconds": time.time() - t0,
+            "errors": errors,
+            "dropped": timeouts,
+        }
+        self.rundir.append_metrics(row)
+        dm = row["dice_mean"]
+        log.info(
+            "round %d: dice_mean=%s, %d site(s), down %.1f kB, up %.1f kB, %.1f s%s",
+            rnd, f"{dm:.3f}" if dm is not None else "n/a", len(sites),
+            row["bytes_down"] / 1e3, row["bytes_up"] / 1e3, row["seconds"],
+            f", errors: {errors}" if errors else "",
+        )
+        try:
+            plot_dice(self.rundir.read_metrics(), self.rundir.path / "dice.png",
+                      f"{self.cfg.method} / {self.cfg.model}")
+        except Exception as exc:  # noqa: BLE001 - a plot must never stop a federation
+            log.warning("could not draw dice.png: %s", exc)

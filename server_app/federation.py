@@ -1,0 +1,125 @@
+"""The server's view of the sites: sampling with a deadline, metered send/receive, failures.
+
+Flower's built-in node sampling waits forever for ``min_available_nodes``; a hospital federation
+must instead wait a bounded time and then go on with who is there, or stop with a reason.
+Every message that goes out and every reply that comes back is measured with
+:func:`common.codec.message_nbytes` and booked per site, so traffic figures are real.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+from common.codec import message_nbytes
+
+log = logging.getLogger("dsfedmed.server")
+
+
+class FederationStopped(RuntimeError):
+    """Too few sites to go on; the reason is written to the run directory."""
+
+
+@dataclass
+class Traffic:
+    down: dict[str, int] = field(default_factory=dict)  # server -> site bytes
+    up: dict[str, int] = field(default_factory=dict)  # site -> server bytes
+
+    def add(self, site: str, down: int = 0, up: int = 0) -> None:
+        self.down[site] = self.down.get(site, 0) + down
+        self.up[site] = self.up.get(site, 0) + up
+
+    @property
+    def total_down(self) -> int:
+        return sum(self.down.values())
+
+    @property
+    def total_up(self) -> int:
+        return sum(self.up.values())
+
+
+@dataclass
+class Exchange:
+    """Outcome of one send: good replies by site, error reasons, and sites that never answered."""
+
+    replies: dict[str, Message] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    timeouts: list[str] = field(default_factory=list)
+
+
+class Federation:
+    """Wraps a Flower ``Grid`` with deadline sampling, per-site naming and byte accounting."""
+
+    def __init__(self, grid: Grid, *, poll_s: float = 1.0):
+        self.grid = grid
+        self.poll_s = poll_s
+        self.sites: dict[int, str] = {}  # node id -> site name, set after profiling
+        self.traffic = Traffic()
+
+    def site_of(self, node_id: int) -> str:
+        return self.sites.get(node_id, f"node-{node_id}")
+
+    def wait_for_nodes(self, min_nodes: int, deadline_s: float, among: Iterable[int] | None = None) -> list[int]:
+        """Connected node ids once ``min_nodes`` are there, or all that came within the deadline.
+
+        ``among`` restricts the count to known nodes (the roster).  Raises
+        :class:`FederationStopped` when the deadline passes with fewer than ``min_nodes``.
+        """
+        wanted = set(among) if among is not None else None
+        t_end = time.monotonic() + deadline_s
+        last_log = 0.0
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            if wanted is not None:
+                nodes = [n for n in nodes if n in wanted]
+            total = len(wanted) if wanted is not None else min_nodes
+            if len(nodes) >= (total if wanted is not None else min_nodes):
+                return nodes
+            now = time.monotonic()
+            if now >= t_end:
+                if len(nodes) >= min_nodes:
+                    return nodes
+                raise FederationStopped(
+                    f"only {len(nodes)} site(s) connected after waiting {deadline_s:.0f} s; "
+                    f"min-sites is {min_nodes}"
+                )
+            if now - last_log > 10:
+                log.info("waiting for sites: %d/%d connected", len(nodes), max(total, min_nodes))
+                last_log = now
+            time.sleep(self.poll_s)
+
+    def make(self, node_id: int, mtype: str, content: RecordDict, round_id: int = 0) -> Message:
+        return Message(content, dst_node_id=node_id, message_type=mtype, group_id=str(round_id))
+
+    def send(self, messages: Iterable[Message], timeout_s: float) -> Exchange:
+        """Send the messages and collect replies until all answered or the timeout passed."""
+        out = Exchange()
+        messages = list(messages)
+        requests = [m.metadata.dst_node_id for m in messages]
+        for msg in messages:
+            self.traffic.add(self.site_of(msg.metadata.dst_node_id), down=message_nbytes(msg))
+        if not messages:
+            return out
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout_s))
+        answered = set()
+        for rep in replies:
+            node_id = rep.metadata.src_node_id
+            site = self.site_of(node_id)
+            answered.add(node_id)
+            self.traffic.add(site, up=message_nbytes(rep))
+            if rep.has_error():
+                out.errors[site] = f"error {rep.error.code}: {rep.error.reason}"
+                log.warning("site %s replied with an error: %s", site, out.errors[site])
+            else:
+                out.replies[site] = rep
+        for node_id in requests:
+            if node_id not in answered:
+                site = self.site_of(node_id)
+                out.timeouts.append(site)
+                log.warning("site %s did not answer within %.0f s", site, timeout_s)
+        return out
