@@ -53,8 +53,7 @@ class SiteTrainer:
         extra = sorted(set(weights) - set(own))
         if missing or extra:
             raise ValueError(
-                f"weights do not fit model {self.model_name!r}: missing {missing[:3]}, "
-                f"unexpected {extra[:3]}"
+                f"weights do not fit model {self.model_name!r}: missing {missing[:3]}, unexpected {extra[:3]}"
             )
         new = {}
         for k, ref in own.items():
@@ -63,8 +62,7 @@ class SiteTrainer:
                 arr = arr.reshape(())  # Flower serialises 0-d scalars as shape (1,)
             if tuple(arr.shape) != tuple(ref.shape):
                 raise ValueError(
-                    f"weight {k!r} has shape {arr.shape}, model {self.model_name!r} needs "
-                    f"{tuple(ref.shape)}"
+                    f"weight {k!r} has shape {arr.shape}, model {self.model_name!r} needs {tuple(ref.shape)}"
                 )
             if not np.isfinite(arr).all():
                 raise ValueError(f"weight {k!r} holds non-finite values")

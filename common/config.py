@@ -59,9 +59,7 @@ def _explain(cls: type[BaseModel], exc: ValidationError, source: str) -> str:
         if err["type"] == "extra_forbidden":
             lines.append(f"  - unknown key '{key}'; known keys: {', '.join(known)}")
             continue
-        field = next(
-            (f for n, f in cls.model_fields.items() if (f.alias or n) == key), None
-        )
+        field = next((f for n, f in cls.model_fields.items() if (f.alias or n) == key), None)
         allowed = _allowed(field) if field is not None else ""
         got = err.get("input")
         lines.append(f"  - '{key}': {err['msg']} (got {got!r}){allowed}")

@@ -59,9 +59,8 @@ class DataReport:
             f"{len(paths)} x {reason} (first: {', '.join(paths[:max_paths])})"
             for reason, paths in by_reason.items()
         ]
-        return (
-            f"{self.folder}: {len(self.problems)} problem(s), {self.n_loaded} pairs loaded; "
-            + "; ".join(parts)
+        return f"{self.folder}: {len(self.problems)} problem(s), {self.n_loaded} pairs loaded; " + "; ".join(
+            parts
         )
 
     def to_json(self) -> dict:
@@ -192,7 +191,11 @@ def load_site_folder(
                 with np.load(cache_file, allow_pickle=False) as z:
                     report = DataReport.from_json(json.loads(str(z["report"])))
                     return SiteArrays(
-                        name, z["images"], z["masks"], list(z["stems"]), report,
+                        name,
+                        z["images"],
+                        z["masks"],
+                        list(z["stems"]),
+                        report,
                         int(z["source_channels"]),
                     )
             except Exception:  # a corrupt cache is rebuilt, never trusted

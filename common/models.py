@@ -120,6 +120,4 @@ def check_input_size(name: str, image_size: int) -> None:
     """Fail early, with the reason, when a network cannot take ``image_size`` inputs."""
     mult = REGISTRY[name].min_size_multiple
     if image_size % mult:
-        raise ValueError(
-            f"model {name!r} needs image-size to be a multiple of {mult} (got {image_size})"
-        )
+        raise ValueError(f"model {name!r} needs image-size to be a multiple of {mult} (got {image_size})")

@@ -80,7 +80,8 @@ def phantom_site(index: int, n: int, image_size: int, seed: int = 0) -> SiteArra
             seg = np.zeros((s, s), bool)
         else:
             _, lab = create_test_image_2d(
-                s, s,
+                s,
+                s,
                 num_objs=int(rs.randint(1, dom.max_objects + 1)),
                 rad_max=max(3, int(dom.radius[1] * s)),
                 rad_min=max(2, int(dom.radius[0] * s)),

@@ -56,9 +56,7 @@ def resolve_site(run: RunConfig, node: NodeConfig) -> SiteSource:
             )
         folder = sites[node.partition_id]
         return SiteSource(node.site_name or folder.name, str(folder))
-    return SiteSource(
-        node.site_name or f"phantom-{node.partition_id}", None, node.partition_id
-    )
+    return SiteSource(node.site_name or f"phantom-{node.partition_id}", None, node.partition_id)
 
 
 @lru_cache(maxsize=8)

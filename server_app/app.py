@@ -76,7 +76,10 @@ def main(grid: Grid, context: Context) -> None:
     rundir.write_json("summary.json", summary)
     log.info(
         "done: test Dice mean %.3f (untrained %.3f), %.1f MB exchanged, %.0f s. Run directory: %s",
-        summary["dice_test_mean"] or 0.0, summary["dice_test_initial_mean"] or 0.0,
-        summary["bytes_total"] / 1e6, summary["wall_seconds"], rundir.path,
+        summary["dice_test_mean"] or 0.0,
+        summary["dice_test_initial_mean"] or 0.0,
+        summary["bytes_total"] / 1e6,
+        summary["wall_seconds"],
+        rundir.path,
     )
     print(f"DSFedMed run finished: {rundir.path / 'summary.json'}", flush=True)

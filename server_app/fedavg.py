@@ -55,9 +55,7 @@ class DeadlineFedAvg(FedAvg):
         by_site: dict[str, int] = {}
         for msg in msgs:
             node = msg.metadata.dst_node_id
-            rep = next(
-                (r for r in ex.replies.values() if r.metadata.src_node_id == node), None
-            )
+            rep = next((r for r in ex.replies.values() if r.metadata.src_node_id == node), None)
             if rep is None:
                 continue
             prof = dict(rep.content.config_records[P.KEY_PROFILE])
@@ -224,7 +222,8 @@ class DeadlineFedAvg(FedAvg):
             )
             self._log_row(rnd, scores, losses, ev, ex, before, t0)
             self.rundir.save_checkpoint(
-                f"global_round_{rnd:03d}.pt", from_array_record(arrays),
+                f"global_round_{rnd:03d}.pt",
+                from_array_record(arrays),
                 {"round": rnd, "model": cfg.model, "method": cfg.method},
             )
             completed = rnd
@@ -233,9 +232,13 @@ class DeadlineFedAvg(FedAvg):
         holdout = None
         if self.holdout_node is not None:
             hs = self._scores(self._evaluate(arrays, num_rounds, "all", [self.holdout_node]))
-            holdout = {"site": cfg.holdout_site, **hs.get(cfg.holdout_site, {"dice": None, "iou": None, "n": 0})}
+            holdout = {
+                "site": cfg.holdout_site,
+                **hs.get(cfg.holdout_site, {"dice": None, "iou": None, "n": 0}),
+            }
         self.rundir.save_checkpoint(
-            "global_final.pt", from_array_record(arrays),
+            "global_final.pt",
+            from_array_record(arrays),
             {"round": completed, "model": cfg.model, "method": cfg.method},
         )
         self.summary_data = {
@@ -291,12 +294,19 @@ class DeadlineFedAvg(FedAvg):
         dm = row["dice_mean"]
         log.info(
             "round %d: dice_mean=%s, %d site(s), down %.1f kB, up %.1f kB, %.1f s%s",
-            rnd, f"{dm:.3f}" if dm is not None else "n/a", len(sites),
-            row["bytes_down"] / 1e3, row["bytes_up"] / 1e3, row["seconds"],
+            rnd,
+            f"{dm:.3f}" if dm is not None else "n/a",
+            len(sites),
+            row["bytes_down"] / 1e3,
+            row["bytes_up"] / 1e3,
+            row["seconds"],
             f", errors: {errors}" if errors else "",
         )
         try:
-            plot_dice(self.rundir.read_metrics(), self.rundir.path / "dice.png",
-                      f"{self.cfg.method} / {self.cfg.model}")
+            plot_dice(
+                self.rundir.read_metrics(),
+                self.rundir.path / "dice.png",
+                f"{self.cfg.method} / {self.cfg.model}",
+            )
         except Exception as exc:  # noqa: BLE001 - a plot must never stop a federation
             log.warning("could not draw dice.png: %s", exc)

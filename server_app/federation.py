@@ -64,7 +64,9 @@ class Federation:
     def site_of(self, node_id: int) -> str:
         return self.sites.get(node_id, f"node-{node_id}")
 
-    def wait_for_nodes(self, min_nodes: int, deadline_s: float, among: Iterable[int] | None = None) -> list[int]:
+    def wait_for_nodes(
+        self, min_nodes: int, deadline_s: float, among: Iterable[int] | None = None
+    ) -> list[int]:
         """Connected node ids once ``min_nodes`` are there, or all that came within the deadline.
 
         ``among`` restricts the count to known nodes (the roster).  Raises

@@ -15,7 +15,9 @@ def plot_dice(rows: list[dict], out: Path, title: str) -> Path:
     sites = sorted({s for r in rows for s in r.get("sites", {})})
     for site in sites:
         xs = [r["round"] for r in rows if r.get("sites", {}).get(site, {}).get("dice") is not None]
-        ys = [r["sites"][site]["dice"] for r in rows if r.get("sites", {}).get(site, {}).get("dice") is not None]
+        ys = [
+            r["sites"][site]["dice"] for r in rows if r.get("sites", {}).get(site, {}).get("dice") is not None
+        ]
         ax.plot(xs, ys, marker="o", label=site)
     xs = [r["round"] for r in rows if r.get("dice_mean") is not None]
     ys = [r["dice_mean"] for r in rows if r.get("dice_mean") is not None]

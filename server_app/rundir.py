@@ -84,7 +84,12 @@ class RunDirectory:
 
         p = self.checkpoints / name
         tmp = p.with_name(f".{p.name}.tmp")
-        torch.save({"state_dict": {k: torch.from_numpy(np.asarray(v)) for k, v in state.items()},
-                    "meta": _clean(meta)}, tmp)
+        torch.save(
+            {
+                "state_dict": {k: torch.from_numpy(np.asarray(v)) for k, v in state.items()},
+                "meta": _clean(meta),
+            },
+            tmp,
+        )
         os.replace(tmp, p)
         return p
