@@ -1,0 +1,42 @@
+"""Shared fixtures: Flower-free environment, tiny phantom sites on disk, Flower task identity."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Nothing in the suite may phone home or install packages at run time.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+REPO = Path(__file__).resolve().parents[1]
+POLYPGEN = (REPO.parent / "shared" / "data" / "polypgen").resolve()
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Each test session decodes site data into its own cache, never the user's."""
+    cache = tmp_path_factory.getbasetemp() / "dsfedmed-cache"
+    monkeypatch.setenv("DSFEDMED_CACHE_DIR", str(cache))
+
+
+@pytest.fixture
+def phantom_folder(tmp_path) -> Path:
+    from common.phantoms import write_phantom_site
+
+    return write_phantom_site(tmp_path / "site", index=0, n=12, image_size=32)
+
+
+@pytest.fixture
+def task_identity():
+    """Building a Message outside a Flower runtime needs the process's task ids."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 0, 1
+    yield TaskIdentity
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old

@@ -1,0 +1,68 @@
+import tomllib
+
+import pytest
+
+from common.config import ConfigError, RunConfig, parse_node_config, parse_run_config
+from tests.conftest import REPO
+
+
+def test_pyproject_defaults_are_valid_and_complete():
+    raw = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    cfg = parse_run_config(raw)
+    # every field has a default in pyproject, so `flwr run --run-config` can override any of them
+    assert set(raw) == set(cfg.to_flat())
+    assert cfg.method == "fedavg"
+
+
+def test_unknown_key_names_key_and_known_keys():
+    with pytest.raises(ConfigError) as e:
+        parse_run_config({"num-round": 3})
+    msg = str(e.value)
+    assert "unknown key 'num-round'" in msg and "num-rounds" in msg
+
+
+def test_wrong_type_names_key():
+    with pytest.raises(ConfigError) as e:
+        parse_run_config({"num-rounds": "many"})
+    assert "'num-rounds'" in str(e.value) and "'many'" in str(e.value)
+
+
+def test_out_of_range_names_bounds():
+    with pytest.raises(ConfigError) as e:
+        parse_run_config({"learning-rate": 0.0})
+    msg = str(e.value)
+    assert "'learning-rate'" in msg and "> 0.0" in msg
+
+
+def test_literal_lists_allowed_values():
+    with pytest.raises(ConfigError) as e:
+        parse_run_config({"device": "tpu"})
+    assert "'auto'" in str(e.value) and "'cuda'" in str(e.value)
+
+
+def test_unknown_model_lists_registry():
+    with pytest.raises(ConfigError) as e:
+        parse_run_config({"model": "resnet9000"})
+    assert "segresnet" in str(e.value) and "'model'" in str(e.value)
+
+
+def test_fraction_sum_checked():
+    with pytest.raises(ConfigError, match="val-fraction \\+ test-fraction"):
+        parse_run_config({"val-fraction": 0.5, "test-fraction": 0.45})
+
+
+def test_node_config_simulation_and_deployment_keys():
+    n = parse_node_config({"partition-id": 1, "num-partitions": 3})
+    assert n.partition_id == 1 and n.data_dir == ""
+    n = parse_node_config({"data-dir": "/data/site", "model": "basicunet", "num-threads": 2})
+    assert n.model == "basicunet"
+    with pytest.raises(ConfigError, match="unknown key 'datadir'"):
+        parse_node_config({"datadir": "/x"})
+    with pytest.raises(ConfigError, match="'model'"):
+        parse_node_config({"model": "nope"})
+
+
+def test_config_is_frozen():
+    cfg = RunConfig()
+    with pytest.raises(Exception):
+        cfg.num_rounds = 9  # type: ignore[misc]
