@@ -1,0 +1,172 @@
+"""Run the real app through Flower's simulation runtime, with every process stopped by PID.
+
+``flwr run`` lazily starts a detached SuperLink that outlives it; tests instead start that same
+SuperLink themselves (Flower's own flags, a throw-away ``FLWR_HOME``, free ports), so they know
+its PID and stop its whole process group afterwards.  A run counts as passed only when
+``flwr list`` reports ``finished:completed``: ``flwr run`` returns 0 even when the run fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class SimulationLink:
+    env: dict[str, str]
+    pid: int
+    log: Path
+
+
+def flwr_env(flwr_home: Path, http_port: int, control_port: int) -> dict[str, str]:
+    env = os.environ.copy()
+    env.update(
+        FLWR_HOME=str(flwr_home),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(http_port),
+        FLWR_LOCAL_CONTROL_API_PORT=str(control_port),
+        OMP_WAIT_POLICY="PASSIVE",
+        RAY_DEDUP_LOGS="0",
+        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
+    return env
+
+
+@contextmanager
+def simulation_superlink(flwr_home: Path, cwd: Path):
+    http_port, control_port = free_port(), free_port()
+    env = flwr_env(flwr_home, http_port, control_port)
+    runtime = flwr_home / "local-superlink"
+    runtime.mkdir(parents=True, exist_ok=True)
+    log = runtime / "superlink.out"
+    cmd = [
+        str(BIN / "flower-superlink"),
+        "--insecure",
+        "--simulation",
+        "--isolation",
+        "subprocess",
+        "--control-api-address",
+        f"127.0.0.1:{control_port}",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(http_port),
+        "--database",
+        str(runtime / "state.db"),
+    ]
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"SuperLink exited with {proc.returncode}: {log.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=0.5).is_success:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("SuperLink did not become healthy within 60 s")
+            time.sleep(0.3)
+        yield SimulationLink(env, proc.pid, log)
+    finally:
+        stop_group(proc)
+
+
+def stop_group(proc: subprocess.Popen, grace_s: float = 15) -> None:
+    """Stop a process and everything it started (its own session) by its PID."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # stragglers in the group (superexec, simulation)
+    except ProcessLookupError:
+        pass
+    if proc.poll() is None:
+        proc.wait(5)
+
+
+@dataclass
+class RunOutcome:
+    run_id: str
+    status: str
+    details: str
+    output: str
+
+
+def flwr_run(
+    link: SimulationLink, app_dir: Path, run_config: dict, num_supernodes: int, timeout_s: float = 900
+) -> RunOutcome:
+    overrides = " ".join(f"{k}={_toml(v)}" for k, v in run_config.items())
+    cmd = [
+        str(BIN / "flwr"),
+        "run",
+        str(app_dir),
+        "--stream",
+        "--federation-config",
+        f"num-supernodes={num_supernodes} client-resources-num-cpus=1",
+        "--run-config",
+        overrides,
+    ]
+    res = subprocess.run(cmd, env=link.env, capture_output=True, text=True, timeout=timeout_s)
+    out = res.stdout + res.stderr
+    m = re.search(r"Successfully started run (\d+)", out)
+    if not m:
+        raise AssertionError(f"flwr run did not start a run (exit {res.returncode}):\n{out[-4000:]}")
+    run_id = m.group(1)
+    status, details = run_status(link, run_id)
+    return RunOutcome(run_id, status, details, out)
+
+
+def run_status(link: SimulationLink, run_id: str, wait_s: float = 60) -> tuple[str, str]:
+    deadline = time.monotonic() + wait_s
+    while True:
+        res = subprocess.run(
+            [str(BIN / "flwr"), "list", "--format", "json"],
+            env=link.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        runs = json.loads(res.stdout)["runs"]
+        run = next(r for r in runs if r["run-id"] == run_id)
+        if run["status"].startswith("finished") or time.monotonic() > deadline:
+            return run["status"], run.get("status-details", "")
+        time.sleep(1)
+
+
+def _toml(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v)
+    return str(v)
