@@ -86,7 +86,7 @@ class RunConfig(_Strict):
     """Everything the federation agrees on for one run (``[tool.flwr.app.config]``)."""
 
     method: Method = "fedavg"
-    num_rounds: int = Field(4, ge=1, le=10_000)
+    num_rounds: int = Field(10, ge=1, le=10_000)
     seed: int = Field(0, ge=0)
     # data
     data_root: str = Field("", description="empty = built-in phantom sites")
@@ -102,7 +102,7 @@ class RunConfig(_Strict):
     model: str = Field("unet", description=f"a registered model: {', '.join(MODEL_NAMES)}")
     local_epochs: int = Field(3, ge=1, le=1000)
     batch_size: int = Field(8, ge=1, le=4096)
-    learning_rate: float = Field(2e-3, gt=0.0, le=1.0)
+    learning_rate: float = Field(3e-3, gt=0.0, le=1.0)
     # sampling and deadlines
     min_sites: int = Field(2, ge=1)
     sampling_deadline_s: float = Field(120.0, gt=0.0)
