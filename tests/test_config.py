@@ -1,6 +1,7 @@
 import tomllib
 
 import pytest
+from pydantic import ValidationError
 
 from common.config import ConfigError, RunConfig, parse_node_config, parse_run_config
 from tests.conftest import REPO
@@ -64,5 +65,5 @@ def test_node_config_simulation_and_deployment_keys():
 
 def test_config_is_frozen():
     cfg = RunConfig()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         cfg.num_rounds = 9  # type: ignore[misc]
