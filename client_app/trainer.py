@@ -16,6 +16,7 @@ from monai.losses import DiceCELoss
 from torch.utils.data import DataLoader
 
 from common.data import SiteArrays
+from common.losses import DistillWeights, distillation_loss
 from common.metrics import ThresholdedScores
 from common.models import build_model, check_input_size, count_parameters
 from common.splits import Split
@@ -113,6 +114,48 @@ class SiteTrainer:
             "steps": steps,
             "seconds": time.time() - t0,
         }
+
+    def train_with_distillation(
+        self,
+        s: TrainSettings,
+        syn_images: np.ndarray,
+        syn_masks: np.ndarray,
+        teacher_probs: torch.Tensor | None,
+        w: DistillWeights,
+    ) -> dict[str, float]:
+        """DSFedMed site step: local epochs on private data, each followed by distillation on the
+        selected synthetic samples (supervised BCE on their masks + KL towards the FM's soft targets)."""
+        t0 = time.time()
+        private = self.train(s)
+        if len(syn_images) == 0:
+            return private
+        gen = torch.Generator().manual_seed(s.seed + 1)
+        x_all = to_float_batch(syn_images)
+        m_all = torch.from_numpy(syn_masks.astype(np.float32))
+        opt = torch.optim.Adam(self.model.parameters(), lr=s.learning_rate)
+        self.model.train()
+        total, steps = 0.0, 0
+        bs = max(2, min(s.batch_size, len(x_all)))
+        for _ in range(s.epochs):
+            order = torch.randperm(len(x_all), generator=gen)
+            for i in range(0, len(order), bs):
+                idx = order[i : i + bs]
+                if len(idx) < 2:
+                    continue
+                x, m = x_all[idx].to(self.device), m_all[idx].to(self.device)
+                t = teacher_probs[idx].to(self.device) if teacher_probs is not None else None
+                opt.zero_grad(set_to_none=True)
+                loss = distillation_loss(self.model(x), m, t, w)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"site {self.site.name}: distillation loss became {loss}")
+                loss.backward()
+                opt.step()
+                total += float(loss.detach())
+                steps += 1
+        private["distill-loss"] = total / max(steps, 1)
+        private["distill-steps"] = steps
+        private["seconds"] = time.time() - t0
+        return private
 
     # --- evaluation --------------------------------------------------------------------------
     @torch.no_grad()

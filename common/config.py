@@ -16,8 +16,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from common.models import MODEL_NAMES
 
-Method = Literal["fedavg"]
-METHODS: tuple[str, ...] = ("fedavg",)
+Method = Literal["fedavg", "dsfedmed"]
+METHODS: tuple[str, ...] = ("fedavg", "dsfedmed")
+Exchange = Literal["logits", "weights", "hybrid"]
+PoolSource = Literal["generator", "phantoms", "folder"]
+SelectionRule = Literal["paper", "quantile", "all"]
+PromptMode = Literal["mask-box", "whole-box", "none"]
+ProbDtype = Literal["uint8", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
 
 
@@ -103,6 +108,32 @@ class RunConfig(_Strict):
     local_epochs: int = Field(3, ge=1, le=1000)
     batch_size: int = Field(8, ge=1, le=4096)
     learning_rate: float = Field(3e-3, gt=0.0, le=1.0)
+    # DSFedMed: foundation model, synthetic pool, selection, mutual distillation
+    exchange: Exchange = "logits"
+    fm: str = Field("litemedsam", description="litemedsam, sam_vit_b, sam_vit_l, sam_vit_h, medsam_vit_b")
+    fm_checkpoint: str = Field("", description="operator-provided weights (SAM family); empty = bundled")
+    fm_prompt: PromptMode = "mask-box"
+    fm_learning_rate: float = Field(1e-4, gt=0.0, le=1.0)
+    fm_epochs: int = Field(1, ge=0, le=100)
+    pool_source: PoolSource = "generator"
+    pool_folder: str = ""
+    pool_size: int = Field(48, ge=2, le=100_000)
+    pool_dir: str = Field("", description="reuse/store the synthetic pool here; empty = run directory only")
+    gen_size: int = Field(32, ge=16, le=256)
+    gen_steps: int = Field(3000, ge=1)
+    gen_seconds: float = Field(150.0, gt=0.0)
+    gen_batch_size: int = Field(32, ge=1, le=1024)
+    gen_sample_steps: int = Field(50, ge=2, le=1000)
+    selection_rule: SelectionRule = "paper"
+    selection_lambda: float = Field(0.5, ge=0.0, le=1.0)
+    selection_rho: float = Field(0.5, gt=0.0, le=1.0)
+    selection_quantile: float = Field(0.7, gt=0.0, le=1.0)
+    sup_weight: float = Field(0.9, ge=0.0)
+    kd_weight: float = Field(0.1, ge=0.0)
+    temperature: float = Field(1.0, gt=0.0)
+    pos_weight: float = Field(2.0, gt=0.0)
+    logit_size: int = Field(32, ge=4, le=1024)
+    logit_dtype: ProbDtype = "uint8"
     # sampling and deadlines
     min_sites: int = Field(2, ge=1)
     sampling_deadline_s: float = Field(120.0, gt=0.0)
@@ -119,6 +150,14 @@ class RunConfig(_Strict):
     def _known_model(cls, v: str) -> str:
         if v not in MODEL_NAMES:
             raise ValueError(f"unknown model {v!r}")
+        return v
+
+    @field_validator("fm")
+    @classmethod
+    def _known_fm(cls, v: str) -> str:
+        known = ("litemedsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b")
+        if v not in known:
+            raise ValueError(f"unknown fm {v!r}")
         return v
 
     @field_validator("test_fraction")
@@ -146,6 +185,7 @@ class NodeConfig(_Strict):
     device: Device | Literal[""] = ""
     num_threads: int = Field(0, ge=0, le=256, description="0 = the run's num-threads")
     cache_dir: str = ""
+    state_dir: str = Field("", description="where the site keeps its model and pool; empty = cache-dir/state")
 
     @field_validator("model")
     @classmethod

@@ -3,14 +3,28 @@
 The ServerApp builds messages and the ClientApp parses them only through these names, so
 what crosses the network is visible in one file (and auditable by a hospital's reviewer).
 
-Round protocol (this release):
+Round protocol:
   query.profile   server -> site: nothing but the run config it already has.
                   site -> server: ``profile`` ConfigRecord (site name, dataset sizes, channels,
                   model, parameters, device, package versions). No image data.
   train           server -> site: ``arrays`` (global model weights, FedAvg), ``config``.
                   site -> server: ``arrays`` (updated weights), ``metrics`` (loss, n).
-  evaluate        server -> site: ``arrays`` (global weights), ``config`` (which split).
-                  site -> server: ``metrics`` (dice, iou, n, per threshold means).
+  evaluate        server -> site: ``arrays`` (global weights; absent in DSFedMed ``logits`` mode,
+                  where each site evaluates its own model), ``config`` (which split).
+                  site -> server: ``metrics`` (dice, iou, n).
+
+DSFedMed additions:
+  train.generator server -> site: ``config`` (generator size, steps, seconds).
+                  site -> server: ``generator`` (diffusion UNet weights), ``generator-stats``
+                  (steps, seconds, losses, mean/std of log foreground fraction). No image, no mask.
+  train           server -> site: ``pool`` (synthetic images + masks, uint8; the whole pool once
+                  when that is cheaper over the run, else the selected samples each round),
+                  ``soft-targets`` (FM probabilities on the selected samples, compact dtype),
+                  ``config`` (round, pool id, selected ids, distillation weights), and ``arrays``
+                  (global site-model weights) in ``weights``/``hybrid`` exchange.
+                  site -> server: ``site-probs`` (its probabilities on the selected samples, compact
+                  dtype) in ``logits``/``hybrid``; ``arrays`` (its weights) in ``weights``/``hybrid``;
+                  ``metrics``.
 """
 
 from __future__ import annotations
@@ -19,17 +33,30 @@ from __future__ import annotations
 MSG_QUERY_PROFILE = "query.profile"
 MSG_TRAIN = "train"
 MSG_EVALUATE = "evaluate"
+MSG_TRAIN_GENERATOR = "train.generator"
 
 # record keys
 KEY_ARRAYS = "arrays"
 KEY_CONFIG = "config"
 KEY_METRICS = "metrics"
 KEY_PROFILE = "profile"
+KEY_GENERATOR = "generator"
+KEY_GEN_STATS = "generator-stats"
+KEY_POOL = "pool"
+KEY_SOFT = "soft-targets"
+KEY_SITE_PROBS = "site-probs"
+ARR_IMAGES = "images"
+ARR_MASKS = "masks"
+ARR_PROBS = "probs"
 
 # config record fields sent by the server
 CFG_ROUND = "server-round"
 CFG_SPLIT = "split"
 CFG_MODEL = "model"
+CFG_POOL_ID = "pool-id"
+CFG_POOL_INCLUDED = "pool-included"  # "all" (whole pool in this message), "selected", or "none"
+CFG_SELECTED = "selected"  # pool indices of this round's selected samples
+CFG_EXCHANGE = "exchange"
 
 # metric record fields sent by sites
 MET_NUM_EXAMPLES = "num-examples"  # Flower's conventional weighting key

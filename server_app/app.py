@@ -40,6 +40,8 @@ def main(grid: Grid, context: Context) -> None:
         log.error("%s", exc)
         raise
     configure_threads(cfg.num_threads)
+    if cfg.method != "fedavg":
+        raise ConfigError(f"method {cfg.method!r} is not available in this build; use 'fedavg'")
     rundir = RunDirectory.create(cfg.runs_root, cfg.run_dir, cfg.method)
     print(f"DSFedMed run directory: {rundir.path}", flush=True)
     log.info("run directory: %s", rundir.path)

@@ -82,16 +82,16 @@ def test_fedavg_on_real_polypgen_sites_learns(link, tmp_path):
         REPO,
         {
             "data-root": str(POLYPGEN),
-            "num-rounds": 4,
+            "num-rounds": 5,
             "image-size": 64,
             "local-epochs": 2,
-            "batch-size": 16,
-            "learning-rate": 0.003,
+            "batch-size": 8,
+            "learning-rate": 0.006,
             "run-dir": str(run_dir),
         },
         num_supernodes=3,
         timeout_s=1200,
     )
     assert out.status == "finished:completed", out.details + out.output[-3000:]
-    rows, summary = _assert_complete_run_dir(run_dir, 4, ["C1", "C2", "C3"])
+    rows, summary = _assert_complete_run_dir(run_dir, 5, ["C1", "C2", "C3"])
     assert summary["dice_test_mean"] > summary["dice_test_initial_mean"] + 0.08, summary

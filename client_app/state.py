@@ -1,0 +1,59 @@
+"""A site's state on disk: its own model (logits exchange) and the cached synthetic pool.
+
+In ``logits`` exchange the site model never leaves the site, so it must survive between messages
+(Flower may start a fresh ClientApp process for each) and restarts. Files are written atomically.
+Layout: ``<state-dir>/run-<run id>/<site>/{model.pt, pool-<id>.npz}``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.data import default_cache_dir
+
+
+class SiteStore:
+    def __init__(self, state_dir: str, run_id: int, site: str):
+        root = Path(state_dir).expanduser() if state_dir else default_cache_dir() / "state"
+        self.dir = root / f"run-{run_id}" / site
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _atomic(self, path: Path, write) -> None:
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        write(tmp)
+        os.replace(tmp, path)
+
+    # model
+    @property
+    def model_path(self) -> Path:
+        return self.dir / "model.pt"
+
+    def load_model(self) -> dict[str, np.ndarray] | None:
+        if not self.model_path.is_file():
+            return None
+        state = torch.load(self.model_path, map_location="cpu", weights_only=True)
+        return {k: v.numpy() for k, v in state.items()}
+
+    def save_model(self, weights: dict[str, np.ndarray]) -> None:
+        state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()}
+        self._atomic(self.model_path, lambda p: torch.save(state, p))
+
+    # pool
+    def pool_path(self, pool_id: str) -> Path:
+        safe = "".join(c for c in pool_id if c.isalnum() or c in "-_")[:64]
+        return self.dir / f"pool-{safe}.npz"
+
+    def save_pool(self, pool_id: str, images: np.ndarray, masks: np.ndarray) -> None:
+        path = self.pool_path(pool_id)
+        self._atomic(path, lambda p: np.savez(p, images=images, masks=masks))
+
+    def load_pool(self, pool_id: str) -> tuple[np.ndarray, np.ndarray] | None:
+        path = self.pool_path(pool_id)
+        if not path.is_file():
+            return None
+        with np.load(path, allow_pickle=False) as z:
+            return z["images"], z["masks"]

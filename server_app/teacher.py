@@ -1,0 +1,90 @@
+"""The server's foundation model as teacher and student on the synthetic pool.
+
+The frozen image encoder embeds the pool once (cached, float16); every round the FM's
+probabilities on the pool come from the cached embeddings and the mask decoder alone, and
+distillation updates only the decoder (towards the sites' ensemble plus the synthetic masks).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common.losses import DistillWeights, distillation_loss
+from server_app.foundation import FoundationSegmenter
+
+
+class FoundationTeacher:
+    def __init__(
+        self,
+        fm: FoundationSegmenter,
+        images: np.ndarray,
+        masks: np.ndarray,
+        prompt: str,
+        learning_rate: float,
+        log=None,
+    ):
+        self.fm = fm
+        self.masks = torch.from_numpy(masks).float()
+        self.boxes = fm.prompts(len(images), prompt, self.masks)
+        t0 = time.time()
+        with torch.no_grad():
+            self.embeddings = fm.embed(torch.from_numpy(images)).to(torch.float16).cpu()
+        self.embed_seconds = time.time() - t0
+        if log:
+            log(f"FM embedded {len(images)} pool samples in {self.embed_seconds:.1f} s (cached)")
+        self.opt = torch.optim.AdamW(fm.trainable_parameters(), lr=learning_rate, weight_decay=1e-4)
+
+    def _logits(self, idx: np.ndarray, size: int) -> torch.Tensor:
+        dev = next(self.fm.parameters()).device
+        emb = self.embeddings[idx].to(dev, torch.float32)
+        boxes = None if self.boxes is None else self.boxes[idx]
+        return self.fm.decode(emb, boxes, size)
+
+    @torch.no_grad()
+    def probs(self, idx: np.ndarray | None = None, size: int = 64, batch: int = 16) -> torch.Tensor:
+        self.fm.eval()
+        idx = np.arange(len(self.masks)) if idx is None else np.asarray(idx)
+        out = [torch.sigmoid(self._logits(idx[i : i + batch], size)).cpu() for i in range(0, len(idx), batch)]
+        return torch.cat(out) if out else torch.zeros(0, 1, size, size)
+
+    def masks_at(self, idx: np.ndarray, size: int) -> torch.Tensor:
+        m = self.masks[np.asarray(idx)]
+        return (F.interpolate(m, size=(size, size), mode="area") >= 0.5).float()
+
+    def distill(
+        self,
+        idx: np.ndarray,
+        target_probs: torch.Tensor | None,
+        w: DistillWeights,
+        epochs: int,
+        batch: int = 8,
+        seed: int = 0,
+    ) -> float:
+        """Update the decoder on samples ``idx`` towards ``target_probs`` (the site ensemble) and masks."""
+        if epochs <= 0 or len(idx) == 0:
+            return float("nan")
+        size = target_probs.shape[-1] if target_probs is not None else 64
+        gen = torch.Generator().manual_seed(seed)
+        self.fm.train()
+        losses = []
+        idx = np.asarray(idx)
+        for _ in range(epochs):
+            order = torch.randperm(len(idx), generator=gen).numpy()
+            for i in range(0, len(order), batch):
+                b = order[i : i + batch]
+                logits = self._logits(idx[b], size)
+                tgt = target_probs[b].to(logits.device) if target_probs is not None else None
+                loss = distillation_loss(logits, self.masks_at(idx[b], size).to(logits.device), tgt, w)
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                self.opt.step()
+                losses.append(float(loss.detach()))
+        self.fm.eval()
+        return float(np.mean(losses))
+
+    def decoder_state(self) -> dict[str, np.ndarray]:
+        return {k: v.detach().cpu().numpy() for k, v in self.fm.decoder.state_dict().items()}
