@@ -12,14 +12,19 @@ import logging
 import traceback
 from collections.abc import Callable
 
+import numpy as np
+import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client_app.state import SiteStore
 from client_app.trainer import SiteTrainer, TrainSettings
 from common import protocol as P
-from common.codec import from_array_record, to_array_record
+from common.codec import decode_probs, encode_probs, from_array_record, to_array_record
 from common.config import ConfigError, NodeConfig, RunConfig, parse_node_config, parse_run_config
 from common.data import SiteDataError
+from common.generator import generator_config_from_run, train_generator
+from common.losses import DistillWeights
 from common.runtime import configure_threads, package_versions, resolve_device
 from common.sites import load_site
 
@@ -47,7 +52,25 @@ def _setup(context: Context) -> tuple[RunConfig, NodeConfig]:
 def _trainer(run: RunConfig, node: NodeConfig, model: str | None = None) -> SiteTrainer:
     site, split = load_site(run, node)
     device = resolve_device(node.device or run.device)
+    torch.manual_seed(run.seed)  # a site's initial model is reproducible from the run seed
+    if not model and _own_model(run):
+        model = node.model or run.model_for(site.name)
     return SiteTrainer(site, split, model or node.model or run.model, device)
+
+
+def _own_model(run: RunConfig) -> bool:
+    """In DSFedMed ``logits`` exchange each site keeps (and may choose) its own model."""
+    return run.method == "dsfedmed" and run.exchange == "logits"
+
+
+def _settings(run: RunConfig, server_round: int) -> TrainSettings:
+    return TrainSettings(
+        epochs=run.local_epochs,
+        batch_size=run.batch_size,
+        learning_rate=run.learning_rate,
+        augment=run.augment,
+        seed=run.seed * 100_003 + server_round,
+    )
 
 
 def _guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
@@ -120,19 +143,13 @@ def query_profile(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """FedAvg local training: load global weights, train local epochs, return weights + metrics."""
     run, node = _setup(context)
+    if run.method == "dsfedmed":
+        return _train_dsfedmed(msg, context, run, node)
     cfg = _config(msg)
     server_round = int(cfg.get(P.CFG_ROUND, 0))
     tr = _trainer(run, node, model=str(cfg.get(P.CFG_MODEL, "")) or None)
     tr.set_weights(_weights(msg))
-    metrics = tr.train(
-        TrainSettings(
-            epochs=run.local_epochs,
-            batch_size=run.batch_size,
-            learning_rate=run.learning_rate,
-            augment=run.augment,
-            seed=run.seed * 100_003 + server_round,
-        )
-    )
+    metrics = tr.train(_settings(run, server_round))
     content = RecordDict(
         {
             P.KEY_ARRAYS: to_array_record(tr.get_weights()),
@@ -151,8 +168,14 @@ def evaluate(msg: Message, context: Context) -> Message:
     split = str(cfg.get(P.CFG_SPLIT, "val"))
     if split not in P.SPLITS:
         raise PayloadError(f"unknown split {split!r}; expected one of {', '.join(P.SPLITS)}")
-    tr = _trainer(run, node, model=str(cfg.get(P.CFG_MODEL, "")) or None)
-    tr.set_weights(_weights(msg))
+    if _own_model(run) and P.KEY_ARRAYS not in msg.content.array_records:
+        tr = _trainer(run, node)
+        saved = SiteStore(node.state_dir, context.run_id, tr.site.name).load_model()
+        if saved is not None:
+            tr.set_weights(saved)
+    else:
+        tr = _trainer(run, node, model=str(cfg.get(P.CFG_MODEL, "")) or None)
+        tr.set_weights(_weights(msg))
     res = tr.evaluate(split)
     metrics = MetricRecord(
         {
@@ -163,3 +186,96 @@ def evaluate(msg: Message, context: Context) -> Message:
         }
     )
     return Message(RecordDict({P.KEY_METRICS: metrics}), reply_to=msg)
+
+
+# --- DSFedMed ------------------------------------------------------------------------------------
+
+
+@app.train("generator")
+@_guarded
+def train_generator_handler(msg: Message, context: Context) -> Message:
+    """Train the site's mask-conditioned diffusion generator on its private training pairs.
+
+    Only the generator's weights and two numbers about mask sizes leave the site.
+    """
+    run, node = _setup(context)
+    site, split = load_site(run, node)
+    device = resolve_device(node.device or run.device)
+    images, masks = site.subset(split["train"])
+    state, stats = train_generator(
+        images, masks, generator_config_from_run(run), device, log=lambda m: log.info("%s: %s", site.name, m)
+    )
+    flat = {k: float(v) for k, v in stats.items() if isinstance(v, int | float)}
+    content = RecordDict({P.KEY_GENERATOR: to_array_record(state), P.KEY_GEN_STATS: ConfigRecord(flat)})
+    return Message(content, reply_to=msg)
+
+
+def _pool_arrays(msg: Message, store: SiteStore, pool_id: str, selected: list[int], included: str):
+    if included in ("all", "selected"):
+        if P.KEY_POOL not in msg.content.array_records:
+            raise PayloadError(
+                f"message says the pool is included ({included}) but has no '{P.KEY_POOL}' record"
+            )
+        rec = msg.content.array_records[P.KEY_POOL]
+        images, masks = rec[P.ARR_IMAGES].numpy(), rec[P.ARR_MASKS].numpy()
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise PayloadError(f"pool images must be uint8 (N,3,S,S), got {images.dtype} {images.shape}")
+        if masks.shape != (images.shape[0], 1, *images.shape[2:]) or masks.max(initial=0) > 1:
+            raise PayloadError(f"pool masks must be {{0,1}} uint8 (N,1,S,S), got {masks.shape}")
+        if included == "all":
+            store.save_pool(pool_id, images, masks)
+            return images[selected], masks[selected]
+        if len(images) != len(selected):
+            raise PayloadError(f"{len(images)} pool images sent for {len(selected)} selected samples")
+        return images, masks
+    cached = store.load_pool(pool_id)
+    if cached is None:
+        raise PayloadError(f"synthetic pool {pool_id} is not cached at this site; the server must resend it")
+    images, masks = cached
+    if max(selected, default=-1) >= len(images):
+        raise PayloadError(f"selected index {max(selected)} is outside the cached pool of {len(images)}")
+    return images[selected], masks[selected]
+
+
+def _train_dsfedmed(msg: Message, context: Context, run: RunConfig, node: NodeConfig) -> Message:
+    """Private training plus distillation towards the FM on the selected synthetic samples."""
+    cfg = _config(msg)
+    server_round = int(cfg.get(P.CFG_ROUND, 0))
+    selected = [int(i) for i in cfg.get(P.CFG_SELECTED, [])]
+    if not selected:
+        raise PayloadError("no selected synthetic samples in the request")
+    own = _own_model(run)
+    tr = _trainer(run, node, model=None if own else str(cfg.get(P.CFG_MODEL, "")) or None)
+    store = SiteStore(node.state_dir, context.run_id, tr.site.name)
+    if own:
+        saved = store.load_model()
+        if saved is not None:
+            tr.set_weights(saved)
+    else:
+        tr.set_weights(_weights(msg))
+    syn_images, syn_masks = _pool_arrays(
+        msg, store, str(cfg.get(P.CFG_POOL_ID, "")), selected, str(cfg.get(P.CFG_POOL_INCLUDED, "selected"))
+    )
+    if P.KEY_SOFT not in msg.content.array_records:
+        raise PayloadError(f"message has no '{P.KEY_SOFT}' record")
+    teacher = decode_probs(
+        msg.content.array_records[P.KEY_SOFT][P.ARR_PROBS].numpy(),
+        expected_n=len(selected),
+        expected_size=run.logit_size,
+    )
+    metrics = tr.train_with_distillation(
+        _settings(run, server_round),
+        syn_images,
+        syn_masks,
+        teacher,
+        DistillWeights(run.sup_weight, run.kd_weight, run.temperature, run.pos_weight),
+    )
+    weights = tr.get_weights()
+    store.save_model(weights)
+    content = RecordDict({P.KEY_METRICS: MetricRecord({k: float(v) for k, v in metrics.items()})})
+    if run.exchange in ("logits", "hybrid"):
+        probs = encode_probs(tr.predict_probs(syn_images), run.logit_size, run.logit_dtype)
+        content[P.KEY_SITE_PROBS] = to_array_record({P.ARR_PROBS: probs})
+    if run.exchange in ("weights", "hybrid"):
+        content[P.KEY_ARRAYS] = to_array_record(weights)
+    return Message(content, reply_to=msg)

@@ -23,7 +23,7 @@ class SiteStore:
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def _atomic(self, path: Path, write) -> None:
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp = path.with_name(f".tmp{os.getpid()}-{path.name}")  # keeps the suffix (np.savez adds one)
         write(tmp)
         os.replace(tmp, path)
 

@@ -108,6 +108,9 @@ class RunConfig(_Strict):
     local_epochs: int = Field(3, ge=1, le=1000)
     batch_size: int = Field(8, ge=1, le=4096)
     learning_rate: float = Field(3e-3, gt=0.0, le=1.0)
+    site_models: str = Field(
+        "", description="per-site models in logits exchange, e.g. 'C1=unet,C2=segresnet' (simulation)"
+    )
     # DSFedMed: foundation model, synthetic pool, selection, mutual distillation
     exchange: Exchange = "logits"
     fm: str = Field("litemedsam", description="litemedsam, sam_vit_b, sam_vit_l, sam_vit_h, medsam_vit_b")
@@ -151,6 +154,25 @@ class RunConfig(_Strict):
         if v not in MODEL_NAMES:
             raise ValueError(f"unknown model {v!r}")
         return v
+
+    @field_validator("site_models")
+    @classmethod
+    def _site_models(cls, v: str) -> str:
+        for item in filter(None, (x.strip() for x in v.split(","))):
+            site, _, model = item.partition("=")
+            if not site or model not in MODEL_NAMES:
+                raise ValueError(
+                    f"entry {item!r} must be SITE=MODEL with MODEL one of {', '.join(MODEL_NAMES)}"
+                )
+        return v
+
+    def model_for(self, site: str) -> str | None:
+        """The model ``site-models`` assigns to ``site``, if any."""
+        for item in filter(None, (x.strip() for x in self.site_models.split(","))):
+            name, _, model = item.partition("=")
+            if name == site:
+                return model
+        return None
 
     @field_validator("fm")
     @classmethod

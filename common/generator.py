@@ -208,3 +208,15 @@ def sample_images(
             x = sched.step(v, t, x).prev_sample
         out.append(((x.clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 3, cfg.size, cfg.size), np.uint8)
+
+
+def generator_config_from_run(run) -> GeneratorConfig:
+    """The generator settings the federation agreed on (run config ``gen-*`` keys)."""
+    return GeneratorConfig(
+        size=run.gen_size,
+        train_steps=run.gen_steps,
+        max_seconds=run.gen_seconds,
+        batch_size=run.gen_batch_size,
+        sample_steps=run.gen_sample_steps,
+        seed=run.seed,
+    )

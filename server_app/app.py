@@ -14,6 +14,7 @@ from common.codec import to_array_record
 from common.config import ConfigError, parse_run_config
 from common.models import build_model, count_parameters
 from common.runtime import configure_threads
+from server_app.dsfedmed import DSFedMedStrategy
 from server_app.fedavg import DeadlineFedAvg
 from server_app.federation import Federation, FederationStopped
 from server_app.rundir import RunDirectory
@@ -40,8 +41,6 @@ def main(grid: Grid, context: Context) -> None:
         log.error("%s", exc)
         raise
     configure_threads(cfg.num_threads)
-    if cfg.method != "fedavg":
-        raise ConfigError(f"method {cfg.method!r} is not available in this build; use 'fedavg'")
     rundir = RunDirectory.create(cfg.runs_root, cfg.run_dir, cfg.method)
     print(f"DSFedMed run directory: {rundir.path}", flush=True)
     log.info("run directory: %s", rundir.path)
@@ -51,7 +50,8 @@ def main(grid: Grid, context: Context) -> None:
     model = build_model(cfg.model)
     log.info("method %s, model %s (%d parameters)", cfg.method, cfg.model, count_parameters(model))
     fed = Federation(grid)
-    strategy = DeadlineFedAvg(cfg, fed, rundir)
+    strategy_cls = DSFedMedStrategy if cfg.method == "dsfedmed" else DeadlineFedAvg
+    strategy = strategy_cls(cfg, fed, rundir)
     t0 = time.time()
     try:
         strategy.start(

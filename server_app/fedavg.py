@@ -44,6 +44,8 @@ class DeadlineFedAvg(FedAvg):
         self.train_nodes: list[int] = []  # roster of training sites (holdout excluded)
         self.holdout_node: int | None = None
         self.profiles: dict[str, dict] = {}
+        self.require_same_model = True  # weight averaging needs one architecture everywhere
+        self.summary_data: dict = {}
 
     # --- roster ----------------------------------------------------------------------------
     def profile_sites(self) -> None:
@@ -66,13 +68,13 @@ class DeadlineFedAvg(FedAvg):
                     f"and {node}); give each site a distinct data-dir or site-name"
                 )
             by_site[name] = node
-            self.fed.sites[node] = name
+            self.fed.name_site(node, name)
             self.profiles[name] = prof
         for site, reason in ex.errors.items():
             log.error("site %s cannot join: %s", site, reason)
         problems = []
         for name, prof in self.profiles.items():
-            if prof.get("model") != cfg.model:
+            if self.require_same_model and prof.get("model") != cfg.model:
                 problems.append(
                     f"site {name} runs model {prof.get('model')!r} but method {cfg.method} "
                     f"averages weights of one model ({cfg.model!r}); remove its node-config 'model'"
@@ -146,9 +148,14 @@ class DeadlineFedAvg(FedAvg):
         return None
 
     # --- the round loop ----------------------------------------------------------------------
-    def _evaluate(self, arrays: ArrayRecord, server_round: int, split: str, nodes: list[int]) -> Exchange:
+    def _evaluate(
+        self, arrays: ArrayRecord | None, server_round: int, split: str, nodes: list[int]
+    ) -> Exchange:
+        """Evaluate on ``split``; without ``arrays`` each site evaluates its own model."""
         cfg = ConfigRecord({P.CFG_SPLIT: split, P.CFG_MODEL: self.cfg.model, P.CFG_ROUND: server_round})
-        record = RecordDict({P.KEY_ARRAYS: arrays, P.KEY_CONFIG: cfg})
+        record = RecordDict({P.KEY_CONFIG: cfg})
+        if arrays is not None:
+            record[P.KEY_ARRAYS] = arrays
         live = set(self.fed.grid.get_node_ids())
         msgs = [self.fed.make(n, P.MSG_EVALUATE, record, server_round) for n in nodes if n in live]
         return self.fed.send(msgs, self.cfg.round_timeout_s)
@@ -183,7 +190,7 @@ class DeadlineFedAvg(FedAvg):
         arrays = initial_arrays
 
         # round 0: the untrained model, on validation (curve) and test (baseline for the summary)
-        t0, before = time.time(), (dict(fed.traffic.down), dict(fed.traffic.up))
+        t0, before = t_run, ({}, {})  # round 0 also books the profile exchange
         ev = self._evaluate(arrays, 0, "val", self.train_nodes)
         initial_test = self._scores(self._evaluate(arrays, 0, "test", self.train_nodes))
         self._log_row(0, self._scores(ev), {}, ev, None, before, t0)
@@ -260,7 +267,7 @@ class DeadlineFedAvg(FedAvg):
         }
         return result
 
-    def _log_row(self, rnd, scores, losses, ev, train_ex, before, t0) -> None:
+    def _log_row(self, rnd, scores, losses, ev, train_ex, before, t0, extra=None) -> None:
         fed = self.fed
         per_site = {}
         for site in set(fed.traffic.down) | set(fed.traffic.up):
@@ -289,6 +296,7 @@ class DeadlineFedAvg(FedAvg):
             "seconds": time.time() - t0,
             "errors": errors,
             "dropped": timeouts,
+            **(extra or {}),
         }
         self.rundir.append_metrics(row)
         dm = row["dice_mean"]

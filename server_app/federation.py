@@ -61,6 +61,14 @@ class Federation:
         self.sites: dict[int, str] = {}  # node id -> site name, set after profiling
         self.traffic = Traffic()
 
+    def name_site(self, node_id: int, name: str) -> None:
+        """Record a node's site name; traffic booked under its node id moves to the name."""
+        self.sites[node_id] = name
+        key = f"node-{node_id}"
+        for book in (self.traffic.down, self.traffic.up):
+            if key in book:
+                book[name] = book.get(name, 0) + book.pop(key)
+
     def site_of(self, node_id: int) -> str:
         return self.sites.get(node_id, f"node-{node_id}")
 

@@ -14,7 +14,22 @@ os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO = Path(__file__).resolve().parents[1]
-POLYPGEN = (REPO.parent / "shared" / "data" / "polypgen").resolve()
+
+
+def _polypgen() -> Path:
+    """Real data lives beside the repository (``../shared/data/polypgen``); CI may check out elsewhere."""
+    candidates = [
+        os.environ.get("DSFEDMED_POLYPGEN", ""),
+        REPO.parent / "shared" / "data" / "polypgen",
+        "/work/shared/data/polypgen",
+    ]
+    for c in candidates:
+        if c and Path(c).is_dir():
+            return Path(c).resolve()
+    return (REPO.parent / "shared" / "data" / "polypgen").resolve()
+
+
+POLYPGEN = _polypgen()
 
 
 @pytest.fixture(autouse=True)

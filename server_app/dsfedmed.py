@@ -1,0 +1,426 @@
+"""DSFedMed: mutual distillation between the server's foundation model and the sites' models.
+
+Round r (see common/protocol.py for the records):
+  a. the FM scores the synthetic pool from cached embeddings; learnability-guided selection picks
+     S_r using the sites' latest ensemble probabilities (FM term only before any exist);
+  b. ``train``: sites get S_r's images (or the whole pool once, cached at the site, whichever
+     costs fewer bytes over the run) and the FM's soft targets; they train on private data plus
+     distillation on S_r and reply with their probabilities on S_r (``logits``), their weights
+     (``weights``), or both (``hybrid``);
+  c. the server averages site probabilities into the ensemble (weighted by training-set size) —
+     in ``weights`` mode the ensemble is the FedAvg model's output on S_r, and that model is also
+     distilled towards the FM on the server before it is broadcast (the paper's exchange) — and
+     updates the FM's mask decoder towards the ensemble plus the synthetic masks;
+  d. ``evaluate``: sites report Dice/IoU of their model on their validation split.
+
+Selection needs ensemble probabilities for every candidate, but sites only answer on S_r: a sample
+not yet seen by the sites is scored with the ensemble taken equal to the FM (zero disagreement),
+so it competes on the FM-fit term alone until it has been selected once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy.result import Result
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+from common import protocol as P
+from common.codec import decode_probs, encode_probs, from_array_record, to_array_record
+from common.generator import build_unet, generator_config_from_run
+from common.losses import DistillWeights, distillation_loss
+from common.models import build_model
+from common.runtime import resolve_device
+from common.transforms import to_float_batch
+from server_app.fedavg import DeadlineFedAvg
+from server_app.federation import FederationStopped
+from server_app.foundation import load_foundation_model
+from server_app.selection import SelectionConfig, select
+from server_app.synthesis import Pool, contact_sheet, folder_pool, generator_pool, phantom_pool
+from server_app.teacher import FoundationTeacher
+
+log = logging.getLogger("dsfedmed.server")
+
+
+class DSFedMedStrategy(DeadlineFedAvg):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.require_same_model = self.cfg.exchange != "logits"
+        self.device = resolve_device(self.cfg.device)
+        self.weights = DistillWeights(
+            self.cfg.sup_weight, self.cfg.kd_weight, self.cfg.temperature, self.cfg.pos_weight
+        )
+
+    # --- pool ----------------------------------------------------------------------------------
+    def _pool_key(self) -> dict:
+        cfg = self.cfg
+        key = {
+            "source": cfg.pool_source,
+            "size": cfg.pool_size,
+            "image_size": cfg.image_size,
+            "seed": cfg.seed,
+        }
+        if cfg.pool_source == "generator":
+            key["generator"] = {
+                "size": cfg.gen_size,
+                "steps": cfg.gen_steps,
+                "seconds": cfg.gen_seconds,
+                "batch": cfg.gen_batch_size,
+                "sample_steps": cfg.gen_sample_steps,
+            }
+            key["sites"] = sorted(self.fed.site_of(n) for n in self.train_nodes)
+        if cfg.pool_source == "folder":
+            key["folder"] = str(Path(cfg.pool_folder).resolve())
+        return key
+
+    def build_pool(self) -> Pool:
+        cfg, key = self.cfg, self._pool_key()
+        cached = Path(cfg.pool_dir).expanduser() / "pool.npz" if cfg.pool_dir else None
+        if cached is not None and cached.is_file():
+            pool = Pool.load(cached)
+            if pool.meta.get("key") == key:
+                log.info("reusing synthetic pool %s (%d samples) from %s", pool.pool_id, len(pool), cached)
+                self._write_pool(pool)
+                return pool
+            log.info("pool in %s was made with other settings; building a new one", cached)
+        if cfg.pool_source == "phantoms":
+            pool = phantom_pool(cfg.pool_size, cfg.image_size, cfg.seed)
+        elif cfg.pool_source == "folder":
+            if not cfg.pool_folder:
+                raise FederationStopped("pool-source 'folder' needs run config 'pool-folder'")
+            pool = folder_pool(cfg.pool_folder, cfg.pool_size, cfg.image_size, cfg.seed)
+        else:
+            pool = self._generator_pool()
+        pool.meta["key"] = key
+        self._write_pool(pool)
+        if cached is not None:
+            pool.save(cached)
+        return pool
+
+    def _generator_pool(self) -> Pool:
+        cfg, fed = self.cfg, self.fed
+        gcfg = generator_config_from_run(cfg)
+        reference = {k: tuple(v.shape) for k, v in build_unet(gcfg).state_dict().items()}
+        msgs = [
+            fed.make(n, P.MSG_TRAIN_GENERATOR, RecordDict({P.KEY_CONFIG: ConfigRecord({})}), 0)
+            for n in self.train_nodes
+        ]
+        log.info(
+            "sites train their diffusion generators (%d steps or %.0f s)", gcfg.train_steps, gcfg.max_seconds
+        )
+        ex = fed.send(msgs, cfg.round_timeout_s + gcfg.max_seconds)
+        gens: dict[str, tuple[dict, dict]] = {}
+        for site, rep in ex.replies.items():
+            rec = rep.content.array_records.get(P.KEY_GENERATOR)
+            stats = rep.content.config_records.get(P.KEY_GEN_STATS)
+            why = None
+            if rec is None or stats is None:
+                why = "reply lacks generator weights or stats"
+            else:
+                state = from_array_record(rec)
+                bad = [k for k, shp in reference.items() if k not in state or tuple(state[k].shape) != shp]
+                if bad or set(state) != set(reference):
+                    why = f"generator weights do not fit the agreed generator (e.g. {bad[:2]})"
+                elif any(not np.isfinite(v).all() for v in state.values()):
+                    why = "generator weights hold non-finite values"
+                elif not all(
+                    np.isfinite(float(stats.get(k, np.nan))) for k in ("mask_log_fg_mean", "mask_log_fg_std")
+                ):
+                    why = "generator stats lack finite mask statistics"
+            if why:
+                ex.errors[site] = f"rejected generator: {why}"
+                log.warning("site %s: %s", site, ex.errors[site])
+                continue
+            gens[site] = (state, dict(stats))
+        if not gens:
+            raise FederationStopped(
+                f"no usable generator from any site (errors: {ex.errors or 'none'}; no answer: {ex.timeouts or 'none'}); "
+                "use pool-source 'phantoms' or 'folder' instead"
+            )
+        t0 = time.time()
+        pool = generator_pool(gens, gcfg, cfg.pool_size, cfg.image_size, cfg.seed, self.device)
+        pool.meta["generators"] = {s: st for s, (_, st) in gens.items()}
+        pool.meta["sample_seconds"] = time.time() - t0
+        pool.meta["generator_errors"] = ex.errors
+        log.info(
+            "sampled %d synthetic pairs from %d site generator(s) in %.0f s",
+            len(pool),
+            len(gens),
+            time.time() - t0,
+        )
+        return pool
+
+    def _write_pool(self, pool: Pool) -> None:
+        pool.save(self.rundir.path / "pool.npz")
+        try:
+            contact_sheet(pool, self.rundir.path / "pool.png")
+        except Exception as exc:  # noqa: BLE001 - a picture must not stop the federation
+            log.warning("could not draw pool.png: %s", exc)
+
+    # --- round pieces --------------------------------------------------------------------------
+    def _validate_probs(self, rep, n: int) -> tuple[torch.Tensor | None, str | None]:
+        rec = rep.content.array_records.get(P.KEY_SITE_PROBS)
+        if rec is None or P.ARR_PROBS not in rec:
+            return None, f"no '{P.KEY_SITE_PROBS}' record"
+        try:
+            return decode_probs(
+                rec[P.ARR_PROBS].numpy(), expected_n=n, expected_size=self.cfg.logit_size
+            ), None
+        except ValueError as exc:
+            return None, str(exc)
+
+    def _server_model_probs(self, arrays: ArrayRecord, images: np.ndarray) -> torch.Tensor:
+        model = build_model(self.cfg.model)
+        state = {
+            k: torch.from_numpy(np.asarray(v).reshape(model.state_dict()[k].shape))
+            for k, v in from_array_record(arrays).items()
+        }
+        model.load_state_dict(state)
+        model.eval()
+        with torch.no_grad():
+            p = torch.sigmoid(model(to_float_batch(images)))
+        return decode_probs(encode_probs(p, self.cfg.logit_size, "float16"))
+
+    def _distill_server_model(self, arrays: ArrayRecord, images, masks, fm_probs, rnd) -> ArrayRecord:
+        """The paper's server-side step: the averaged site model learns from the FM on S_r."""
+        model = build_model(self.cfg.model)
+        ref = model.state_dict()
+        model.load_state_dict(
+            {
+                k: torch.from_numpy(np.asarray(v).reshape(ref[k].shape))
+                for k, v in from_array_record(arrays).items()
+            }
+        )
+        model.train()
+        opt = torch.optim.Adam(model.parameters(), lr=self.cfg.learning_rate)
+        gen = torch.Generator().manual_seed(rnd)
+        x_all, m_all = to_float_batch(images), torch.from_numpy(masks).float()
+        for _ in range(max(1, self.cfg.fm_epochs)):
+            order = torch.randperm(len(x_all), generator=gen)
+            for i in range(0, len(order), self.cfg.batch_size):
+                b = order[i : i + self.cfg.batch_size]
+                if len(b) < 2:
+                    continue
+                loss = distillation_loss(model(x_all[b]), m_all[b], fm_probs[b], self.weights)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        return to_array_record({k: v.detach().numpy() for k, v in model.state_dict().items()})
+
+    # --- the run -------------------------------------------------------------------------------
+    def start(  # type: ignore[override]
+        self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int, timeout: float, **_: object
+    ) -> Result:
+        cfg, fed = self.cfg, self.fed
+        t_run = time.time()
+        result = Result()
+        before = ({}, {})
+        t0 = time.time()
+        self.profile_sites()
+        pool = self.build_pool()
+        fm = load_foundation_model(cfg.fm, cfg.fm_checkpoint, self.device)
+        teacher = FoundationTeacher(
+            fm, pool.images, pool.masks, cfg.fm_prompt, cfg.fm_learning_rate, log.info
+        )
+        weights_mode = cfg.exchange in ("weights", "hybrid")
+        arrays = initial_arrays if weights_mode else None
+        size, n_pool = cfg.logit_size, len(pool)
+
+        ev = self._evaluate(arrays, 0, "val", self.train_nodes)
+        initial_test = self._scores(self._evaluate(arrays, 0, "test", self.train_nodes))
+        self._log_row(
+            0, self._scores(ev), {}, ev, None, before, t0, {"pool_id": pool.pool_id, "pool_size": n_pool}
+        )
+
+        ensemble = torch.zeros(n_pool, 1, size, size)
+        known = np.zeros(n_pool, bool)
+        send_once = num_rounds * cfg.selection_rho > 1.0  # the whole pool once is cheaper over the run
+        has_pool: set[int] = set()
+        sel_cfg = SelectionConfig(
+            rule=cfg.selection_rule,
+            lam=cfg.selection_lambda,
+            rho=cfg.selection_rho,
+            quantile=cfg.selection_quantile,
+            pos_weight=cfg.pos_weight,
+        )
+        masks_small = teacher.masks_at(np.arange(n_pool), size)
+        completed = 0
+        for rnd in range(1, num_rounds + 1):
+            t0, before = time.time(), (dict(fed.traffic.down), dict(fed.traffic.up))
+            log.info("[round %d/%d]", rnd, num_rounds)
+            fm_probs = teacher.probs(None, size)
+            ens_view = (
+                torch.where(torch.from_numpy(known)[:, None, None, None], ensemble, fm_probs)
+                if known.any()
+                else None
+            )
+            idx, sel_stats = select(fm_probs, masks_small, ens_view, sel_cfg)
+            soft = encode_probs(fm_probs[idx], size, cfg.logit_dtype)
+            nodes = fed.wait_for_nodes(cfg.min_sites, cfg.sampling_deadline_s, among=self.train_nodes)
+            msgs = []
+            for n in nodes:
+                conf = {
+                    P.CFG_ROUND: rnd,
+                    P.CFG_POOL_ID: pool.pool_id,
+                    P.CFG_SELECTED: [int(i) for i in idx],
+                    P.CFG_EXCHANGE: cfg.exchange,
+                    P.CFG_MODEL: cfg.model,
+                }
+                rec = RecordDict({P.KEY_SOFT: to_array_record({P.ARR_PROBS: soft})})
+                if send_once and n in has_pool:
+                    conf[P.CFG_POOL_INCLUDED] = "none"
+                elif send_once:
+                    conf[P.CFG_POOL_INCLUDED] = "all"
+                    rec[P.KEY_POOL] = to_array_record({P.ARR_IMAGES: pool.images, P.ARR_MASKS: pool.masks})
+                else:
+                    conf[P.CFG_POOL_INCLUDED] = "selected"
+                    rec[P.KEY_POOL] = to_array_record(
+                        {P.ARR_IMAGES: pool.images[idx], P.ARR_MASKS: pool.masks[idx]}
+                    )
+                rec[P.KEY_CONFIG] = ConfigRecord(conf)
+                if weights_mode:
+                    rec[P.KEY_ARRAYS] = arrays
+                msgs.append(fed.make(n, P.MSG_TRAIN, rec, rnd))
+            ex = fed.send(msgs, timeout)
+            valid, probs, counts, losses = [], [], [], {}
+            for site, rep in ex.replies.items():
+                node = rep.metadata.src_node_id
+                why = None
+                if P.KEY_METRICS not in rep.content.metric_records:
+                    why = f"no '{P.KEY_METRICS}' record"
+                n_ex = rep.content.metric_records[P.KEY_METRICS].get(P.MET_NUM_EXAMPLES, 0) if not why else 0
+                if not why and (not np.isfinite(n_ex) or n_ex <= 0):
+                    why = f"'{P.MET_NUM_EXAMPLES}' is {n_ex!r}"
+                p = None
+                if not why and cfg.exchange in ("logits", "hybrid"):
+                    p, why = self._validate_probs(rep, len(idx))
+                if not why and weights_mode:
+                    why = self.validate_train_reply(site, rep, arrays)
+                if why:
+                    ex.errors[site] = f"rejected train reply: {why}"
+                    log.warning("site %s: %s", site, ex.errors[site])
+                    continue
+                if send_once:
+                    has_pool.add(node)
+                valid.append(rep)
+                counts.append(float(n_ex))
+                if p is not None:
+                    probs.append(p)
+                losses[site] = float(rep.content.metric_records[P.KEY_METRICS].get(P.MET_LOSS, np.nan))
+            for site, reason in ex.errors.items():
+                if "not cached at this site" in reason:
+                    has_pool.difference_update(n for n, s in fed.sites.items() if s == site)
+            if len(valid) < cfg.min_sites:
+                raise FederationStopped(
+                    f"round {rnd}: {len(valid)} usable train repl(ies), min-sites is {cfg.min_sites}; "
+                    f"errors: {ex.errors or 'none'}; no answer: {ex.timeouts or 'none'}"
+                )
+            if weights_mode:  # FedAvg over the weights alone (hybrid replies also carry probabilities)
+                arrays = aggregate_arrayrecords(
+                    [
+                        RecordDict(
+                            {
+                                P.KEY_ARRAYS: r.content.array_records[P.KEY_ARRAYS],
+                                P.KEY_METRICS: r.content.metric_records[P.KEY_METRICS],
+                            }
+                        )
+                        for r in valid
+                    ],
+                    P.MET_NUM_EXAMPLES,
+                )
+                result.arrays = arrays
+            if probs:  # logits / hybrid: the sites' ensemble, weighted by training-set size
+                w = torch.tensor(counts) / sum(counts)
+                ens = (torch.stack(probs) * w[:, None, None, None, None]).sum(0)
+            else:  # weights: the averaged model plays the ensemble
+                ens = self._server_model_probs(arrays, pool.images[idx])
+            ensemble[idx] = ens
+            known[idx] = True
+            fm_loss = teacher.distill(idx, ens, self.weights, cfg.fm_epochs, seed=rnd)
+            if cfg.exchange == "weights":
+                arrays = self._distill_server_model(
+                    arrays, pool.images[idx], pool.masks[idx], fm_probs[idx], rnd
+                )
+                result.arrays = arrays
+            ev = self._evaluate(arrays, rnd, "val", self.train_nodes)
+            scores = self._scores(ev)
+            result.evaluate_metrics_clientapp[rnd] = MetricRecord(
+                {"dice-mean": self._mean(scores, "dice") or 0.0}
+            )
+            self._log_row(
+                rnd,
+                scores,
+                losses,
+                ev,
+                ex,
+                before,
+                t0,
+                {
+                    "selection": sel_stats,
+                    "selected": [int(i) for i in idx],
+                    "fm_distill_loss": fm_loss,
+                    "pool_sent_whole": send_once,
+                },
+            )
+            self.rundir.save_checkpoint(
+                "fm_decoder_latest.pt", teacher.decoder_state(), {"round": rnd, "fm": cfg.fm}
+            )
+            if weights_mode:
+                self.rundir.save_checkpoint(
+                    f"global_round_{rnd:03d}.pt",
+                    from_array_record(arrays),
+                    {"round": rnd, "model": cfg.model},
+                )
+            completed = rnd
+
+        final = self._scores(self._evaluate(arrays, num_rounds, "test", self.train_nodes))
+        holdout = None
+        if self.holdout_node is not None:
+            # the held-out site never trained: in logits mode it is tested with its (untrained)
+            # own model, so leave-one-site-out is meaningful in weights/hybrid exchange only
+            hs = self._scores(self._evaluate(arrays, num_rounds, "all", [self.holdout_node]))
+            holdout = {
+                "site": cfg.holdout_site,
+                **hs.get(cfg.holdout_site, {"dice": None, "iou": None, "n": 0}),
+            }
+        self.rundir.save_checkpoint(
+            "fm_decoder_final.pt", teacher.decoder_state(), {"round": completed, "fm": cfg.fm}
+        )
+        if weights_mode:
+            self.rundir.save_checkpoint("global_final.pt", from_array_record(arrays), {"round": completed})
+        self.summary_data = {
+            "status": "completed",
+            "method": cfg.method,
+            "exchange": cfg.exchange,
+            "model": cfg.model,
+            "site_models": {s: p.get("model") for s, p in self.profiles.items()},
+            "site_model_params": {s: p.get("model-params") for s, p in self.profiles.items()},
+            "fm": cfg.fm,
+            "fm_params": fm.num_parameters(),
+            "fm_embed_seconds": teacher.embed_seconds,
+            "pool": {
+                "id": pool.pool_id,
+                "size": n_pool,
+                "source": pool.meta.get("source"),
+                "generators": pool.meta.get("generators"),
+            },
+            "rounds": completed,
+            "sites": [fed.site_of(n) for n in self.train_nodes],
+            "test": final,
+            "dice_test_mean": self._mean(final, "dice"),
+            "iou_test_mean": self._mean(final, "iou"),
+            "initial_test": initial_test,
+            "dice_test_initial_mean": self._mean(initial_test, "dice"),
+            "holdout": holdout,
+            "bytes_down_total": fed.traffic.total_down,
+            "bytes_up_total": fed.traffic.total_up,
+            "bytes_total": fed.traffic.total_down + fed.traffic.total_up,
+            "wall_seconds": time.time() - t_run,
+        }
+        return result

@@ -1,0 +1,138 @@
+"""DSFedMed ClientApp handlers in-process: generator upload, distillation round, bad payloads."""
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from client_app.app import ERR_PAYLOAD, app
+from common import protocol as P
+from common.codec import decode_probs, encode_probs, to_array_record
+from common.phantoms import phantom_site
+
+RUN = {
+    "method": "dsfedmed",
+    "image-size": 32,
+    "phantom-images-per-site": 12,
+    "local-epochs": 1,
+    "batch-size": 4,
+    "logit-size": 16,
+    "gen-size": 16,
+    "gen-steps": 2,
+    "gen-batch-size": 4,
+}
+
+
+@pytest.fixture
+def ctx(tmp_path):
+    def make(**run):
+        return Context(
+            run_id=11,
+            node_id=3,
+            node_config={"partition-id": 0, "num-partitions": 2, "state-dir": str(tmp_path / "state")},
+            state=RecordDict(),
+            run_config={**RUN, **run},
+        )
+
+    return make
+
+
+def _pool(n=6):
+    s = phantom_site(50, n, 32)
+    return s.images, s.masks
+
+
+def _train_msg(selected, included="all", soft=None, pool=None, pool_id="p1"):
+    images, masks = pool if pool is not None else _pool()
+    rec = RecordDict(
+        {
+            P.KEY_CONFIG: ConfigRecord(
+                {
+                    P.CFG_ROUND: 1,
+                    P.CFG_POOL_ID: pool_id,
+                    P.CFG_SELECTED: selected,
+                    P.CFG_POOL_INCLUDED: included,
+                }
+            ),
+            P.KEY_SOFT: to_array_record(
+                {
+                    P.ARR_PROBS: soft
+                    if soft is not None
+                    else encode_probs(np.full((len(selected), 1, 16, 16), 0.3), 16, "uint8")
+                }
+            ),
+        }
+    )
+    if included == "all":
+        rec[P.KEY_POOL] = to_array_record({P.ARR_IMAGES: images, P.ARR_MASKS: masks})
+    elif included == "selected":
+        rec[P.KEY_POOL] = to_array_record({P.ARR_IMAGES: images[selected], P.ARR_MASKS: masks[selected]})
+    return Message(rec, dst_node_id=3, message_type=P.MSG_TRAIN)
+
+
+def test_generator_reply_holds_weights_and_stats_only(task_identity, ctx):
+    rep = app(
+        Message(
+            RecordDict({P.KEY_CONFIG: ConfigRecord({})}), dst_node_id=3, message_type=P.MSG_TRAIN_GENERATOR
+        ),
+        ctx(),
+    )
+    assert not rep.has_error(), rep.error.reason if rep.has_error() else ""
+    assert set(rep.content.array_records) == {P.KEY_GENERATOR}
+    stats = rep.content.config_records[P.KEY_GEN_STATS]
+    assert stats["steps"] == 2 and np.isfinite(stats["mask_log_fg_mean"])
+
+
+def test_logits_round_replies_with_compact_probs_only(task_identity, ctx):
+    rep = app(_train_msg([0, 2, 4]), ctx())
+    assert not rep.has_error(), rep.error.reason if rep.has_error() else ""
+    assert P.KEY_ARRAYS not in rep.content.array_records  # the site model stays at the site
+    probs = rep.content.array_records[P.KEY_SITE_PROBS][P.ARR_PROBS].numpy()
+    assert probs.dtype == np.uint8 and probs.shape == (3, 1, 16, 16)
+    decode_probs(probs, expected_n=3, expected_size=16)
+    m = rep.content.metric_records[P.KEY_METRICS]
+    assert m["distill-steps"] >= 1 and np.isfinite(m["distill-loss"])
+    # the pool was cached: the next round refers to it by id only, and the model carried over
+    rep2 = app(_train_msg([1, 5], included="none"), ctx())
+    assert not rep2.has_error(), rep2.error.reason if rep2.has_error() else ""
+    assert rep2.content.array_records[P.KEY_SITE_PROBS][P.ARR_PROBS].numpy().shape == (2, 1, 16, 16)
+
+
+def test_uncached_pool_is_an_error_the_server_can_act_on(task_identity, ctx):
+    rep = app(_train_msg([0], included="none", pool_id="never-sent"), ctx())
+    assert rep.has_error() and rep.error.code == ERR_PAYLOAD and "not cached at this site" in rep.error.reason
+
+
+@pytest.mark.parametrize(
+    "soft, needle",
+    [
+        (np.full((2, 1, 16, 16), np.nan, np.float16), "non-finite"),
+        (np.zeros((2, 1, 8, 8), np.uint8), "16x16"),
+        (np.zeros((3, 1, 16, 16), np.uint8), "for 2 samples"),
+        (np.zeros((2, 1, 16, 16), np.float64), "uint8 or float16"),
+    ],
+)
+def test_bad_soft_targets_are_rejected(task_identity, ctx, soft, needle):
+    rep = app(_train_msg([0, 1], soft=soft), ctx())
+    assert rep.has_error() and needle in rep.error.reason
+
+
+def test_bad_pool_is_rejected(task_identity, ctx):
+    images, masks = _pool()
+    rep = app(_train_msg([0], pool=(images.astype(np.float32), masks)), ctx())
+    assert rep.has_error() and "uint8" in rep.error.reason
+    rep = app(_train_msg([0], pool=(images, masks * 7)), ctx())
+    assert rep.has_error() and "masks" in rep.error.reason
+
+
+def test_weights_mode_returns_weights_and_no_probs(task_identity, ctx):
+    import torch
+
+    from common.models import build_model
+
+    torch.manual_seed(0)
+    w = {k: v.numpy() for k, v in build_model("unet").state_dict().items()}
+    msg = _train_msg([0, 1], included="selected")
+    msg.content[P.KEY_ARRAYS] = to_array_record(w)
+    rep = app(msg, ctx(exchange="weights"))
+    assert not rep.has_error(), rep.error.reason if rep.has_error() else ""
+    assert P.KEY_ARRAYS in rep.content.array_records and P.KEY_SITE_PROBS not in rep.content.array_records
