@@ -9,6 +9,7 @@ not fit).  Only weights, metrics and the profile leave the site; never images or
 from __future__ import annotations
 
 import logging
+import sys
 import traceback
 from collections.abc import Callable
 
@@ -42,7 +43,18 @@ class PayloadError(ValueError):
     """The server's message lacks a record or holds something that does not fit."""
 
 
+def _setup_logging() -> None:
+    """Site progress (generator steps, errors) goes to the ClientApp's stdout, which Flower streams."""
+    if not log.handlers:
+        h = logging.StreamHandler(sys.stdout)
+        h.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        log.addHandler(h)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
 def _setup(context: Context) -> tuple[RunConfig, NodeConfig]:
+    _setup_logging()
     run = parse_run_config(context.run_config)
     node = parse_node_config(context.node_config)
     configure_threads(node.num_threads or run.num_threads)
