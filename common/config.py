@@ -90,7 +90,7 @@ def _allowed(field: Any) -> str:
 class RunConfig(_Strict):
     """Everything the federation agrees on for one run (``[tool.flwr.app.config]``)."""
 
-    method: Method = "fedavg"
+    method: Method = "dsfedmed"
     num_rounds: int = Field(10, ge=1, le=10_000)
     seed: int = Field(0, ge=0)
     # data
@@ -146,7 +146,10 @@ class RunConfig(_Strict):
     runs_root: str = "runs"
     run_dir: str = ""
     device: Device = "auto"
-    num_threads: int = Field(1, ge=1, le=256)
+    num_threads: int = Field(1, ge=1, le=256, description="torch threads per site process")
+    server_threads: int = Field(
+        2, ge=1, le=256, description="torch threads of the ServerApp (FM work runs while sites wait)"
+    )
 
     @field_validator("model")
     @classmethod

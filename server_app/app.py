@@ -40,7 +40,7 @@ def main(grid: Grid, context: Context) -> None:
     except ConfigError as exc:
         log.error("%s", exc)
         raise
-    configure_threads(cfg.num_threads)
+    configure_threads(cfg.server_threads)
     rundir = RunDirectory.create(cfg.runs_root, cfg.run_dir, cfg.method)
     print(f"DSFedMed run directory: {rundir.path}", flush=True)
     log.info("run directory: %s", rundir.path)

@@ -139,8 +139,7 @@ def contact_sheet(pool: Pool, path: Path, n: int = 32, cols: int = 8) -> Path:
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.5, rows * 1.6), dpi=100, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    step = max(1, len(pool) // n)
-    for k, i in enumerate(range(0, step * n, step)):
+    for k, i in enumerate(np.linspace(0, len(pool) - 1, n).round().astype(int)):  # every source shown
         ax = axes.flat[k]
         ax.imshow(pool.images[i].transpose(1, 2, 0))
         if pool.masks[i].any():

@@ -12,7 +12,7 @@ def test_pyproject_defaults_are_valid_and_complete():
     cfg = parse_run_config(raw)
     # every field has a default in pyproject, so `flwr run --run-config` can override any of them
     assert set(raw) == set(cfg.to_flat())
-    assert cfg.method == "fedavg"
+    assert cfg.method == "dsfedmed"
 
 
 def test_unknown_key_names_key_and_known_keys():

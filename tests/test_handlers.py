@@ -9,7 +9,13 @@ from common import protocol as P
 from common.codec import to_array_record
 from common.models import build_model
 
-RUN = {"image-size": 32, "phantom-images-per-site": 16, "local-epochs": 1, "batch-size": 4}
+RUN = {
+    "method": "fedavg",
+    "image-size": 32,
+    "phantom-images-per-site": 16,
+    "local-epochs": 1,
+    "batch-size": 4,
+}
 
 
 def _ctx(node=None, run=None):

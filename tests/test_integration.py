@@ -51,6 +51,7 @@ def test_simulation_on_phantoms(link, tmp_path):
         link,
         REPO,
         {
+            "method": "fedavg",
             "num-rounds": 2,
             "image-size": 32,
             "phantom-images-per-site": 16,
@@ -69,6 +70,7 @@ def test_simulation_on_phantoms(link, tmp_path):
 
 def test_bad_run_config_fails_the_run_with_the_key_named(link, tmp_path):
     out = flwr_run(link, REPO, {"num-rounds": 0, "run-dir": str(tmp_path / "r")}, num_supernodes=2)
+    assert not (tmp_path / "r").exists()  # refused before anything was written
     assert out.status == "finished:failed"
     assert "num-rounds" in out.details + out.output
 
@@ -81,6 +83,7 @@ def test_fedavg_on_real_polypgen_sites_learns(link, tmp_path):
         link,
         REPO,
         {
+            "method": "fedavg",
             "data-root": str(POLYPGEN),
             "num-rounds": 5,
             "image-size": 64,
