@@ -249,6 +249,24 @@ def _pool_arrays(msg: Message, store: SiteStore, pool_id: str, selected: list[in
     return images[selected], masks[selected]
 
 
+@app.evaluate("pool")
+@_guarded
+def evaluate_pool(msg: Message, context: Context) -> Message:
+    """Score the synthetic pool against this site's real validation data, and cache the pool."""
+    run, node = _setup(context)
+    cfg = _config(msg)
+    tr = _trainer(run, node)
+    store = SiteStore(node.state_dir, context.run_id, tr.site.name)
+    images, masks = _pool_arrays(msg, store, str(cfg.get(P.CFG_POOL_ID, "")), [], "all")
+    cached = store.load_pool(str(cfg.get(P.CFG_POOL_ID, "")))
+    assert cached is not None  # just written by _pool_arrays
+    settings = TrainSettings(run.pool_score_epochs, run.batch_size, run.learning_rate, run.augment, run.seed)
+    res = tr.pool_score(cached[0], cached[1], settings)
+    return Message(
+        RecordDict({P.KEY_METRICS: MetricRecord({k: float(v) for k, v in res.items()})}), reply_to=msg
+    )
+
+
 def _train_dsfedmed(msg: Message, context: Context, run: RunConfig, node: NodeConfig) -> Message:
     """Private training plus distillation towards the FM on the selected synthetic samples."""
     cfg = _config(msg)

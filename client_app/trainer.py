@@ -75,12 +75,17 @@ class SiteTrainer:
         return count_parameters(self.model)
 
     # --- training ----------------------------------------------------------------------------
-    def train(self, s: TrainSettings) -> dict[str, float]:
-        """Local epochs of DiceCE + Adam on the site's training split."""
+    def train(
+        self, s: TrainSettings, images: np.ndarray | None = None, masks: np.ndarray | None = None
+    ) -> dict[str, float]:
+        """Local epochs of DiceCE + Adam on the site's training split (or on the given pairs)."""
         t0 = time.time()
         gen = torch.Generator().manual_seed(s.seed ^ zlib.crc32(self.site.name.encode()))
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-        imgs, masks = self.site.subset(self.split["train"])
+        if images is None or masks is None:
+            imgs, masks = self.site.subset(self.split["train"])
+        else:
+            imgs = images
         ds = make_dataset(imgs, masks, augment=s.augment)
         ds_rng = np.random.default_rng(s.seed)
         for t in getattr(ds.transform, "transforms", []):
@@ -156,6 +161,22 @@ class SiteTrainer:
         private["distill-steps"] = steps
         private["seconds"] = time.time() - t0
         return private
+
+    def pool_score(
+        self, pool_images: np.ndarray, pool_masks: np.ndarray, s: TrainSettings
+    ) -> dict[str, float]:
+        """How much a synthetic pool is worth here: validation Dice of this site's (fresh) model
+        trained on the pool alone, against the same model trained on as many of its real images."""
+        start = self.get_weights()
+        self.train(s, pool_images, pool_masks)
+        d_pool = self.evaluate("val")["dice"]
+        n_real = min(len(pool_images), len(self.split["train"]))
+        self.set_weights(start)
+        real_imgs, real_masks = self.site.subset(self.split["train"][:n_real])
+        self.train(s, real_imgs, real_masks)
+        d_real = self.evaluate("val")["dice"]
+        self.set_weights(start)
+        return {"dice-pool": d_pool, "dice-real": d_real, "n-pool": len(pool_images), "n-real": n_real}
 
     # --- evaluation --------------------------------------------------------------------------
     @torch.no_grad()

@@ -127,6 +127,9 @@ class RunConfig(_Strict):
     gen_seconds: float = Field(150.0, gt=0.0)
     gen_batch_size: int = Field(32, ge=1, le=1024)
     gen_sample_steps: int = Field(50, ge=2, le=1000)
+    pool_score_epochs: int = Field(
+        10, ge=0, le=1000, description="epochs of the pool-quality check at each site; 0 = skip it"
+    )
     selection_rule: SelectionRule = "paper"
     selection_lambda: float = Field(0.5, ge=0.0, le=1.0)
     selection_rho: float = Field(0.5, gt=0.0, le=1.0)

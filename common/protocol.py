@@ -17,6 +17,9 @@ DSFedMed additions:
   train.generator server -> site: ``config`` (generator size, steps, seconds).
                   site -> server: ``generator`` (diffusion UNet weights), ``generator-stats``
                   (steps, seconds, losses, mean/std of log foreground fraction). No image, no mask.
+  evaluate.pool   server -> site: ``pool`` (the whole synthetic pool, which the site then caches).
+                  site -> server: ``metrics`` (validation Dice of its model trained on the pool alone
+                  and on as many real images: the pool's quality, measured where the real data is).
   train           server -> site: ``pool`` (synthetic images + masks, uint8; the whole pool once
                   when that is cheaper over the run, else the selected samples each round),
                   ``soft-targets`` (FM probabilities on the selected samples, compact dtype),
@@ -34,6 +37,7 @@ MSG_QUERY_PROFILE = "query.profile"
 MSG_TRAIN = "train"
 MSG_EVALUATE = "evaluate"
 MSG_TRAIN_GENERATOR = "train.generator"
+MSG_EVALUATE_POOL = "evaluate.pool"
 
 # record keys
 KEY_ARRAYS = "arrays"

@@ -163,6 +163,51 @@ class DSFedMedStrategy(DeadlineFedAvg):
         except Exception as exc:  # noqa: BLE001 - a picture must not stop the federation
             log.warning("could not draw pool.png: %s", exc)
 
+    def score_pool(self, pool: Pool, has_pool: set[int]) -> dict | None:
+        """Ask every site how a model trained on the pool alone does on its real validation data,
+        against as many real images (the pool is cached at the sites, so round 1 need not resend it)."""
+        if self.cfg.pool_score_epochs <= 0:
+            return None
+        conf = ConfigRecord({P.CFG_POOL_ID: pool.pool_id})
+        rec = RecordDict(
+            {
+                P.KEY_CONFIG: conf,
+                P.KEY_POOL: to_array_record({P.ARR_IMAGES: pool.images, P.ARR_MASKS: pool.masks}),
+            }
+        )
+        ex = self.fed.send(
+            [self.fed.make(n, P.MSG_EVALUATE_POOL, rec, 0) for n in self.train_nodes],
+            self.cfg.round_timeout_s,
+        )
+        per_site = {}
+        for site, rep in ex.replies.items():
+            m = rep.content.metric_records.get(P.KEY_METRICS)
+            if m is None or not all(np.isfinite(float(m.get(k, np.nan))) for k in ("dice-pool", "dice-real")):
+                ex.errors[site] = "pool score reply without finite dice-pool/dice-real"
+                continue
+            per_site[site] = {k.replace("-", "_"): float(v) for k, v in m.items()}
+            has_pool.add(rep.metadata.src_node_id)
+        for site, reason in ex.errors.items():
+            log.warning("site %s could not score the pool: %s", site, reason)
+        pool_d = [v["dice_pool"] for v in per_site.values()]
+        real_d = [v["dice_real"] for v in per_site.values()]
+        score = {
+            "epochs": self.cfg.pool_score_epochs,
+            "sites": per_site,
+            "dice_pool_mean": float(np.mean(pool_d)) if pool_d else None,
+            "dice_real_mean": float(np.mean(real_d)) if real_d else None,
+            "errors": ex.errors,
+        }
+        self.rundir.write_json("pool_score.json", score)
+        if pool_d:
+            log.info(
+                "pool quality: a site model trained on the pool alone reaches validation Dice %.3f "
+                "(on as many real images: %.3f)",
+                score["dice_pool_mean"],
+                score["dice_real_mean"],
+            )
+        return score
+
     # --- round pieces --------------------------------------------------------------------------
     def _validate_probs(self, rep, n: int) -> tuple[torch.Tensor | None, str | None]:
         rec = rep.content.array_records.get(P.KEY_SITE_PROBS)
@@ -224,6 +269,8 @@ class DSFedMedStrategy(DeadlineFedAvg):
         t0 = time.time()
         self.profile_sites()
         pool = self.build_pool()
+        has_pool: set[int] = set()
+        pool_score = self.score_pool(pool, has_pool)
         fm = load_foundation_model(cfg.fm, cfg.fm_checkpoint, self.device)
         teacher = FoundationTeacher(
             fm, pool.images, pool.masks, cfg.fm_prompt, cfg.fm_learning_rate, log.info
@@ -235,13 +282,20 @@ class DSFedMedStrategy(DeadlineFedAvg):
         ev = self._evaluate(arrays, 0, "val", self.train_nodes)
         initial_test = self._scores(self._evaluate(arrays, 0, "test", self.train_nodes))
         self._log_row(
-            0, self._scores(ev), {}, ev, None, before, t0, {"pool_id": pool.pool_id, "pool_size": n_pool}
+            0,
+            self._scores(ev),
+            {},
+            ev,
+            None,
+            before,
+            t0,
+            {"pool_id": pool.pool_id, "pool_size": n_pool, "pool_score": pool_score},
         )
 
         ensemble = torch.zeros(n_pool, 1, size, size)
         known = np.zeros(n_pool, bool)
-        send_once = num_rounds * cfg.selection_rho > 1.0  # the whole pool once is cheaper over the run
-        has_pool: set[int] = set()
+        # the whole pool once is cheaper over the run than the selected samples every round
+        send_once = num_rounds * cfg.selection_rho > 1.0 or bool(has_pool)
         sel_cfg = SelectionConfig(
             rule=cfg.selection_rule,
             lam=cfg.selection_lambda,
@@ -409,6 +463,7 @@ class DSFedMedStrategy(DeadlineFedAvg):
                 "size": n_pool,
                 "source": pool.meta.get("source"),
                 "generators": pool.meta.get("generators"),
+                "score": pool_score,
             },
             "rounds": completed,
             "sites": [fed.site_of(n) for n in self.train_nodes],

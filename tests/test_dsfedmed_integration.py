@@ -22,6 +22,7 @@ TINY = {
     "logit-size": 16,
     "selection-rho": 0.5,
     "fm-epochs": 1,
+    "pool-score-epochs": 1,
 }
 
 
@@ -62,10 +63,14 @@ def test_logits_mode_with_generator_pool_and_two_architectures(link, tmp_path):
     assert all(p < 1_000_000 for p in summary["site_model_params"].values())
     assert set(summary["pool"]["generators"]) == {"phantom-0", "phantom-1"}
     assert (run_dir / "pool.png").stat().st_size > 5_000 and (run_dir / "pool.npz").is_file()
+    score = json.loads((run_dir / "pool_score.json").read_text())
+    assert set(score["sites"]) == {"phantom-0", "phantom-1"}
+    assert 0 <= score["dice_pool_mean"] <= 1 and 0 <= score["dice_real_mean"] <= 1
+    assert summary["pool"]["score"]["dice_pool_mean"] == score["dice_pool_mean"]
     assert [r["round"] for r in rows] == [0, 1, 2]
     for r in rows[1:]:
         assert r["selection"]["n_selected"] == 4
-        # logits exchange: kilobytes, not a model. Down: 8 pool images once (32 px) + soft targets
+        # logits exchange: kilobytes, not a model. The pool went out once, with the pool score
         assert all(v["up"] < 20_000 for v in r["bytes_per_site"].values()), r["bytes_per_site"]
         assert r["bytes_down"] > 0 and r["dice_mean"] is not None
     assert (run_dir / "checkpoints" / "fm_decoder_final.pt").is_file()

@@ -136,3 +136,24 @@ def test_weights_mode_returns_weights_and_no_probs(task_identity, ctx):
     rep = app(msg, ctx(exchange="weights"))
     assert not rep.has_error(), rep.error.reason if rep.has_error() else ""
     assert P.KEY_ARRAYS in rep.content.array_records and P.KEY_SITE_PROBS not in rep.content.array_records
+
+
+def test_pool_score_reply_and_pool_cached(task_identity, ctx):
+    images, masks = _pool()
+    msg = Message(
+        RecordDict(
+            {
+                P.KEY_CONFIG: ConfigRecord({P.CFG_POOL_ID: "p9"}),
+                P.KEY_POOL: to_array_record({P.ARR_IMAGES: images, P.ARR_MASKS: masks}),
+            }
+        ),
+        dst_node_id=3,
+        message_type=P.MSG_EVALUATE_POOL,
+    )
+    rep = app(msg, ctx(**{"pool-score-epochs": 1}))
+    assert not rep.has_error(), rep.error.reason if rep.has_error() else ""
+    m = rep.content.metric_records[P.KEY_METRICS]
+    assert 0 <= m["dice-pool"] <= 1 and 0 <= m["dice-real"] <= 1 and m["n-pool"] == len(images)
+    # the pool is now cached: a train round can refer to it by id
+    rep = app(_train_msg([0, 1], included="none", pool_id="p9"), ctx())
+    assert not rep.has_error(), rep.error.reason if rep.has_error() else ""
