@@ -9,7 +9,6 @@ not fit).  Only weights, metrics and the profile leave the site; never images or
 from __future__ import annotations
 
 import logging
-import sys
 import traceback
 from collections.abc import Callable
 
@@ -26,7 +25,7 @@ from common.config import ConfigError, NodeConfig, RunConfig, parse_node_config,
 from common.data import SiteDataError
 from common.generator import generator_config_from_run, train_generator
 from common.losses import DistillWeights
-from common.runtime import configure_threads, package_versions, resolve_device
+from common.runtime import configure_threads, package_versions, resolve_device, setup_logging
 from common.sites import load_site
 
 log = logging.getLogger("dsfedmed.client")
@@ -43,18 +42,8 @@ class PayloadError(ValueError):
     """The server's message lacks a record or holds something that does not fit."""
 
 
-def _setup_logging() -> None:
-    """Site progress (generator steps, errors) goes to the ClientApp's stdout, which Flower streams."""
-    if not log.handlers:
-        h = logging.StreamHandler(sys.stdout)
-        h.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        log.addHandler(h)
-        log.setLevel(logging.INFO)
-        log.propagate = False
-
-
 def _setup(context: Context) -> tuple[RunConfig, NodeConfig]:
-    _setup_logging()
+    setup_logging(log)
     run = parse_run_config(context.run_config)
     node = parse_node_config(context.node_config)
     configure_threads(node.num_threads or run.num_threads)

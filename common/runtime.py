@@ -7,7 +7,9 @@ sets its thread count explicitly.
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 
 import torch
 
@@ -40,3 +42,13 @@ def package_versions() -> dict[str, str]:
         except PackageNotFoundError:
             out[pkg] = "missing"
     return out
+
+
+def setup_logging(logger: logging.Logger) -> None:
+    """Our progress lines go to stdout, which Flower streams (``flwr run --stream``)."""
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 import time
 
 import torch
@@ -13,7 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.codec import to_array_record
 from common.config import ConfigError, parse_run_config
 from common.models import build_model, count_parameters
-from common.runtime import configure_threads
+from common.runtime import configure_threads, setup_logging
 from server_app.dsfedmed import DSFedMedStrategy
 from server_app.fedavg import DeadlineFedAvg
 from server_app.federation import Federation, FederationStopped
@@ -23,18 +22,9 @@ log = logging.getLogger("dsfedmed.server")
 app = ServerApp()
 
 
-def _setup_logging() -> None:
-    if not log.handlers:
-        h = logging.StreamHandler(sys.stdout)
-        h.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        log.addHandler(h)
-        log.setLevel(logging.INFO)
-        log.propagate = False
-
-
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    _setup_logging()
+    setup_logging(log)
     try:
         cfg = parse_run_config(context.run_config)
     except ConfigError as exc:

@@ -433,26 +433,17 @@ class DSFedMedStrategy(DeadlineFedAvg):
                 )
             completed = rnd
 
-        final = self._scores(self._evaluate(arrays, num_rounds, "test", self.train_nodes))
-        holdout = None
-        if self.holdout_node is not None:
-            # the held-out site never trained: in logits mode it is tested with its (untrained)
-            # own model, so leave-one-site-out is meaningful in weights/hybrid exchange only
-            hs = self._scores(self._evaluate(arrays, num_rounds, "all", [self.holdout_node]))
-            holdout = {
-                "site": cfg.holdout_site,
-                **hs.get(cfg.holdout_site, {"dice": None, "iou": None, "n": 0}),
-            }
+        # in logits exchange a held-out site never trained its own model, so leave-one-site-out is
+        # meaningful in weights/hybrid exchange only (the summary says which exchange ran)
+        final, holdout = self._final_evaluation(arrays, num_rounds)
         self.rundir.save_checkpoint(
             "fm_decoder_final.pt", teacher.decoder_state(), {"round": completed, "fm": cfg.fm}
         )
         if weights_mode:
             self.rundir.save_checkpoint("global_final.pt", from_array_record(arrays), {"round": completed})
         self.summary_data = {
-            "status": "completed",
-            "method": cfg.method,
+            **self._summary(completed, final, initial_test, holdout, t_run),
             "exchange": cfg.exchange,
-            "model": cfg.model,
             "site_models": {s: p.get("model") for s, p in self.profiles.items()},
             "site_model_params": {s: p.get("model-params") for s, p in self.profiles.items()},
             "fm": cfg.fm,
@@ -465,17 +456,5 @@ class DSFedMedStrategy(DeadlineFedAvg):
                 "generators": pool.meta.get("generators"),
                 "score": pool_score,
             },
-            "rounds": completed,
-            "sites": [fed.site_of(n) for n in self.train_nodes],
-            "test": final,
-            "dice_test_mean": self._mean(final, "dice"),
-            "iou_test_mean": self._mean(final, "iou"),
-            "initial_test": initial_test,
-            "dice_test_initial_mean": self._mean(initial_test, "dice"),
-            "holdout": holdout,
-            "bytes_down_total": fed.traffic.total_down,
-            "bytes_up_total": fed.traffic.total_up,
-            "bytes_total": fed.traffic.total_down + fed.traffic.total_up,
-            "wall_seconds": time.time() - t_run,
         }
         return result

@@ -235,23 +235,33 @@ class DeadlineFedAvg(FedAvg):
             )
             completed = rnd
 
-        final = self._scores(self._evaluate(arrays, num_rounds, "test", self.train_nodes))
-        holdout = None
-        if self.holdout_node is not None:
-            hs = self._scores(self._evaluate(arrays, num_rounds, "all", [self.holdout_node]))
-            holdout = {
-                "site": cfg.holdout_site,
-                **hs.get(cfg.holdout_site, {"dice": None, "iou": None, "n": 0}),
-            }
+        final, holdout = self._final_evaluation(arrays, num_rounds)
         self.rundir.save_checkpoint(
             "global_final.pt",
             from_array_record(arrays),
             {"round": completed, "model": cfg.model, "method": cfg.method},
         )
-        self.summary_data = {
+        self.summary_data = self._summary(completed, final, initial_test, holdout, t_run)
+        return result
+
+    def _final_evaluation(self, arrays: ArrayRecord | None, num_rounds: int) -> tuple[dict, dict | None]:
+        """Test split at every training site; the held-out site (if any) on all its data."""
+        final = self._scores(self._evaluate(arrays, num_rounds, "test", self.train_nodes))
+        holdout = None
+        if self.holdout_node is not None:
+            hs = self._scores(self._evaluate(arrays, num_rounds, "all", [self.holdout_node]))
+            site = self.cfg.holdout_site
+            holdout = {"site": site, **hs.get(site, {"dice": None, "iou": None, "n": 0})}
+        return final, holdout
+
+    def _summary(
+        self, completed: int, final: dict, initial_test: dict, holdout: dict | None, t_run: float
+    ) -> dict:
+        fed = self.fed
+        return {
             "status": "completed",
-            "method": cfg.method,
-            "model": cfg.model,
+            "method": self.cfg.method,
+            "model": self.cfg.model,
             "rounds": completed,
             "sites": [fed.site_of(n) for n in self.train_nodes],
             "test": final,
@@ -265,7 +275,6 @@ class DeadlineFedAvg(FedAvg):
             "bytes_total": fed.traffic.total_down + fed.traffic.total_up,
             "wall_seconds": time.time() - t_run,
         }
-        return result
 
     def _log_row(self, rnd, scores, losses, ev, train_ex, before, t0, extra=None) -> None:
         fed = self.fed
