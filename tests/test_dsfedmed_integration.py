@@ -88,28 +88,26 @@ def test_weight_exchanging_modes(link, tmp_path, exchange):
 
 @pytest.mark.realdata
 @pytest.mark.skipif(not POLYPGEN.is_dir(), reason="../shared/data/polypgen not present")
-def test_dsfedmed_on_real_polypgen_sites_learns(tmp_path_factory, tmp_path):
-    home = tmp_path_factory.mktemp("flwr-home-real")
-    with simulation_superlink(home, REPO) as link3:
-        run_dir = tmp_path / "run"
-        out = flwr_run(
-            link3,
-            REPO,
-            {
-                "method": "dsfedmed",
-                "data-root": str(POLYPGEN),
-                "num-rounds": 5,
-                "image-size": 64,
-                "local-epochs": 2,
-                "batch-size": 8,
-                "learning-rate": 0.006,
-                "pool-source": "phantoms",
-                "pool-size": 16,
-                "run-dir": str(run_dir),
-            },
-            num_supernodes=3,
-            timeout_s=1500,
-        )
+def test_dsfedmed_on_real_polypgen_sites_learns(link, tmp_path):
+    run_dir = tmp_path / "run"
+    out = flwr_run(
+        link,
+        REPO,
+        {
+            "method": "dsfedmed",
+            "data-root": str(POLYPGEN),
+            "num-rounds": 5,
+            "image-size": 64,
+            "local-epochs": 2,
+            "batch-size": 8,
+            "learning-rate": 0.006,
+            "pool-source": "phantoms",
+            "pool-size": 16,
+            "run-dir": str(run_dir),
+        },
+        num_supernodes=3,
+        timeout_s=1500,
+    )
     assert out.status == "finished:completed", out.details + out.output[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary["test"]) == {"C1", "C2", "C3"}
