@@ -1,0 +1,56 @@
+"""Synthetic pool: sources, storage, contact sheet, and reuse from pool-dir only when settings match."""
+
+import numpy as np
+
+from common.config import parse_run_config
+from common.phantoms import write_phantom_site
+from server_app import dsfedmed as ds
+from server_app.federation import Federation
+from server_app.rundir import RunDirectory
+from server_app.synthesis import Pool, contact_sheet, folder_pool, phantom_pool
+
+
+def test_phantom_pool_save_load_and_id(tmp_path):
+    pool = phantom_pool(6, 32, seed=0)
+    assert pool.images.shape == (6, 3, 32, 32) and pool.masks.shape == (6, 1, 32, 32)
+    back = Pool.load(pool.save(tmp_path / "p.npz"))
+    assert back.pool_id == pool.pool_id and back.sources == pool.sources
+    assert phantom_pool(6, 32, seed=1).pool_id != pool.pool_id
+    assert contact_sheet(pool, tmp_path / "p.png").stat().st_size > 2_000
+
+
+def test_folder_pool(tmp_path):
+    write_phantom_site(tmp_path / "public", index=7, n=10, image_size=32)
+    pool = folder_pool(str(tmp_path / "public"), 4, 32, seed=0)
+    assert len(pool) == 4 and set(pool.sources) == {"folder"}
+
+
+class _NoGrid:
+    def get_node_ids(self):
+        return []
+
+
+def _strategy(tmp_path, name, **cfg):
+    run = parse_run_config(
+        {"method": "dsfedmed", "pool-source": "phantoms", "pool-size": 4, "image-size": 32, **cfg}
+    )
+    return ds.DSFedMedStrategy(run, Federation(_NoGrid()), RunDirectory(tmp_path / name))
+
+
+def test_pool_dir_is_reused_only_with_matching_settings(tmp_path, monkeypatch):
+    calls = []
+    real = ds.phantom_pool
+
+    def counting(*a, **k):
+        calls.append(a)
+        return real(*a, **k)
+
+    monkeypatch.setattr(ds, "phantom_pool", counting)
+    pool_dir = str(tmp_path / "pools")
+    first = _strategy(tmp_path, "r1", **{"pool-dir": pool_dir}).build_pool()
+    second = _strategy(tmp_path, "r2", **{"pool-dir": pool_dir}).build_pool()
+    assert len(calls) == 1 and second.pool_id == first.pool_id
+    assert (tmp_path / "r2" / "pool.npz").is_file() and (tmp_path / "r2" / "pool.png").is_file()
+    third = _strategy(tmp_path, "r3", **{"pool-dir": pool_dir, "seed": 5}).build_pool()
+    assert len(calls) == 2 and third.pool_id != first.pool_id
+    np.testing.assert_array_equal(Pool.load(tmp_path / "pools" / "pool.npz").images, third.images)
