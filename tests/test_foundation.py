@@ -125,3 +125,30 @@ def test_prompt_modes(litemedsam):
         out = litemedsam.decode(emb, None, 32)
     assert out.shape == (2, 1, 32, 32) and torch.isfinite(out).all()
     assert np.isfinite(litemedsam.prompts(2, "whole-box", None).numpy()).all()
+
+
+def test_teacher_caches_embeddings_and_trains_only_the_decoder(litemedsam):
+    import copy
+
+    from common.losses import DistillWeights
+    from common.phantoms import phantom_site
+    from server_app.teacher import FoundationTeacher
+
+    fm = copy.deepcopy(litemedsam)
+    site = phantom_site(3, 3, 64)
+    teacher = FoundationTeacher(fm, site.images, site.masks, "mask-box", learning_rate=1e-3)
+    assert teacher.embeddings.shape == (3, 256, 64, 64) and teacher.embeddings.dtype == torch.float16
+    with torch.no_grad():
+        direct = torch.sigmoid(
+            fm(torch.from_numpy(site.images), torch.from_numpy(site.masks).float(), out_size=16)
+        )
+    cached = teacher.probs(None, 16)
+    assert (cached - direct).abs().max() < 0.02  # float16 cache, same answer
+    enc_before = {k: v.clone() for k, v in fm.net.image_encoder.state_dict().items()}
+    dec_before = {k: v.clone() for k, v in fm.decoder.state_dict().items()}
+    target = torch.full((3, 1, 16, 16), 0.9)
+    first = teacher.distill(np.arange(3), target, DistillWeights(), epochs=1, batch=3)
+    later = [teacher.distill(np.arange(3), target, DistillWeights(), epochs=1, batch=3) for _ in range(4)][-1]
+    assert later < first
+    assert all(torch.equal(v, fm.net.image_encoder.state_dict()[k]) for k, v in enc_before.items())
+    assert any(not torch.equal(v, fm.decoder.state_dict()[k]) for k, v in dec_before.items())
