@@ -211,7 +211,9 @@ def train_generator_handler(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-def _pool_arrays(msg: Message, store: SiteStore, pool_id: str, selected: list[int], included: str):
+def _pool_arrays(msg: Message, store: SiteStore, pool_id: str, selected: list[int] | None, included: str):
+    """The synthetic pairs a request refers to (``selected`` None = the whole pool); a whole pool
+    that arrives is cached for later rounds, which then refer to it by id."""
     if included in ("all", "selected"):
         if P.KEY_POOL not in msg.content.array_records:
             raise PayloadError(
@@ -223,18 +225,24 @@ def _pool_arrays(msg: Message, store: SiteStore, pool_id: str, selected: list[in
             raise PayloadError(f"pool images must be uint8 (N,3,S,S), got {images.dtype} {images.shape}")
         if masks.shape != (images.shape[0], 1, *images.shape[2:]) or masks.max(initial=0) > 1:
             raise PayloadError(f"pool masks must be {{0,1}} uint8 (N,1,S,S), got {masks.shape}")
-        if included == "all":
-            store.save_pool(pool_id, images, masks)
-            return images[selected], masks[selected]
-        if len(images) != len(selected):
-            raise PayloadError(f"{len(images)} pool images sent for {len(selected)} selected samples")
+        if included == "selected":
+            if selected is None or len(images) != len(selected):
+                raise PayloadError(
+                    f"{len(images)} pool images sent for {len(selected or [])} selected samples"
+                )
+            return images, masks
+        store.save_pool(pool_id, images, masks)
+    else:
+        cached = store.load_pool(pool_id)
+        if cached is None:
+            raise PayloadError(
+                f"synthetic pool {pool_id} is not cached at this site; the server must resend it"
+            )
+        images, masks = cached
+    if selected is None:
         return images, masks
-    cached = store.load_pool(pool_id)
-    if cached is None:
-        raise PayloadError(f"synthetic pool {pool_id} is not cached at this site; the server must resend it")
-    images, masks = cached
-    if max(selected, default=-1) >= len(images):
-        raise PayloadError(f"selected index {max(selected)} is outside the cached pool of {len(images)}")
+    if max(selected, default=-1) >= len(images) or min(selected, default=0) < 0:
+        raise PayloadError(f"a selected index is outside the pool of {len(images)} samples")
     return images[selected], masks[selected]
 
 
@@ -246,11 +254,9 @@ def evaluate_pool(msg: Message, context: Context) -> Message:
     cfg = _config(msg)
     tr = _trainer(run, node)
     store = SiteStore(node.state_dir, context.run_id, tr.site.name)
-    images, masks = _pool_arrays(msg, store, str(cfg.get(P.CFG_POOL_ID, "")), [], "all")
-    cached = store.load_pool(str(cfg.get(P.CFG_POOL_ID, "")))
-    assert cached is not None  # just written by _pool_arrays
+    images, masks = _pool_arrays(msg, store, str(cfg.get(P.CFG_POOL_ID, "")), None, "all")
     settings = TrainSettings(run.pool_score_epochs, run.batch_size, run.learning_rate, run.augment, run.seed)
-    res = tr.pool_score(cached[0], cached[1], settings)
+    res = tr.pool_score(images, masks, settings)
     return Message(
         RecordDict({P.KEY_METRICS: MetricRecord({k: float(v) for k, v in res.items()})}), reply_to=msg
     )

@@ -7,13 +7,13 @@ Layout: ``<state-dir>/run-<run id>/<site>/{model.pt, pool-<id>.npz}``.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from common.data import default_cache_dir
+from common.fileio import atomic_savez, atomic_write
 
 
 class SiteStore:
@@ -21,11 +21,6 @@ class SiteStore:
         root = Path(state_dir).expanduser() if state_dir else default_cache_dir() / "state"
         self.dir = root / f"run-{run_id}" / site
         self.dir.mkdir(parents=True, exist_ok=True)
-
-    def _atomic(self, path: Path, write) -> None:
-        tmp = path.with_name(f".tmp{os.getpid()}-{path.name}")  # keeps the suffix (np.savez adds one)
-        write(tmp)
-        os.replace(tmp, path)
 
     # model
     @property
@@ -40,7 +35,7 @@ class SiteStore:
 
     def save_model(self, weights: dict[str, np.ndarray]) -> None:
         state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()}
-        self._atomic(self.model_path, lambda p: torch.save(state, p))
+        atomic_write(self.model_path, lambda p: torch.save(state, p))
 
     # pool
     def pool_path(self, pool_id: str) -> Path:
@@ -48,8 +43,7 @@ class SiteStore:
         return self.dir / f"pool-{safe}.npz"
 
     def save_pool(self, pool_id: str, images: np.ndarray, masks: np.ndarray) -> None:
-        path = self.pool_path(pool_id)
-        self._atomic(path, lambda p: np.savez(p, images=images, masks=masks))
+        atomic_savez(self.pool_path(pool_id), images=images, masks=masks)
 
     def load_pool(self, pool_id: str) -> tuple[np.ndarray, np.ndarray] | None:
         path = self.pool_path(pool_id)

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from common.data import SiteArrays
 from common.losses import DistillWeights, distillation_loss
 from common.metrics import ThresholdedScores
-from common.models import build_model, check_input_size, count_parameters
+from common.models import build_model, check_input_size, count_parameters, load_weights
 from common.splits import Split
 from common.transforms import make_dataset, to_float_batch
 
@@ -49,26 +49,7 @@ class SiteTrainer:
         return {k: v.detach().cpu().numpy() for k, v in self.model.state_dict().items()}
 
     def set_weights(self, weights: dict[str, np.ndarray]) -> None:
-        own = self.model.state_dict()
-        missing = sorted(set(own) - set(weights))
-        extra = sorted(set(weights) - set(own))
-        if missing or extra:
-            raise ValueError(
-                f"weights do not fit model {self.model_name!r}: missing {missing[:3]}, unexpected {extra[:3]}"
-            )
-        new = {}
-        for k, ref in own.items():
-            arr = np.asarray(weights[k])
-            if ref.dim() == 0 and arr.size == 1:
-                arr = arr.reshape(())  # Flower serialises 0-d scalars as shape (1,)
-            if tuple(arr.shape) != tuple(ref.shape):
-                raise ValueError(
-                    f"weight {k!r} has shape {arr.shape}, model {self.model_name!r} needs {tuple(ref.shape)}"
-                )
-            if not np.isfinite(arr).all():
-                raise ValueError(f"weight {k!r} holds non-finite values")
-            new[k] = torch.from_numpy(np.ascontiguousarray(arr)).to(ref.dtype)
-        self.model.load_state_dict(new)
+        load_weights(self.model, weights, self.model_name)
 
     @property
     def num_parameters(self) -> int:

@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from common.models import MODEL_NAMES
 
 Method = Literal["fedavg", "dsfedmed"]
-METHODS: tuple[str, ...] = ("fedavg", "dsfedmed")
 Exchange = Literal["logits", "weights", "hybrid"]
 PoolSource = Literal["generator", "phantoms", "folder"]
 SelectionRule = Literal["paper", "quantile", "all"]

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from common.fileio import atomic_savez
+
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 MAX_LABEL = 10  # masks may hold small integer labels 0..MAX_LABEL; foreground = label > 0
 CACHE_VERSION = 1
@@ -246,14 +248,11 @@ def load_site_folder(
 
 
 def _write_cache(path: Path, site: SiteArrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
-    np.savez(
-        tmp,
+    atomic_savez(  # a concurrent reader sees the old or the new file
+        path,
         images=site.images,
         masks=site.masks,
         stems=np.array(site.stems),
         report=np.array(json.dumps(site.report.to_json())),
         source_channels=np.array(site.source_channels),
     )
-    os.replace(tmp, path)  # atomic: a concurrent reader sees the old or the new file

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+import torch
 from torch import nn
 
 
@@ -112,6 +114,29 @@ def build_model(name: str, in_channels: int = 3, out_channels: int = 1) -> nn.Mo
     except KeyError:
         raise KeyError(f"unknown model {name!r}; registered: {', '.join(MODEL_NAMES)}") from None
     return spec.builder(in_channels, out_channels)
+
+
+def load_weights(model: nn.Module, weights: dict[str, np.ndarray], name: str = "model") -> None:
+    """Load a ``{name: array}`` state dict after checking it fits: same keys, same shapes, finite.
+
+    Flower serialises 0-d tensors (batch-norm counters) as shape (1,); they are restored here.
+    """
+    own = model.state_dict()
+    missing = sorted(set(own) - set(weights))
+    extra = sorted(set(weights) - set(own))
+    if missing or extra:
+        raise ValueError(f"weights do not fit model {name!r}: missing {missing[:3]}, unexpected {extra[:3]}")
+    new = {}
+    for k, ref in own.items():
+        arr = np.asarray(weights[k])
+        if ref.dim() == 0 and arr.size == 1:
+            arr = arr.reshape(())
+        if tuple(arr.shape) != tuple(ref.shape):
+            raise ValueError(f"weight {k!r} has shape {arr.shape}, model {name!r} needs {tuple(ref.shape)}")
+        if not np.isfinite(arr).all():
+            raise ValueError(f"weight {k!r} holds non-finite values")
+        new[k] = torch.from_numpy(np.ascontiguousarray(arr)).to(ref.dtype)
+    model.load_state_dict(new)
 
 
 def count_parameters(model: nn.Module) -> int:

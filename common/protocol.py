@@ -76,6 +76,7 @@ PROFILE_FIELDS = (
     "n-val",
     "n-test",
     "n-skipped",
+    "data-report",
     "channels",
     "num-classes",
     "image-size",

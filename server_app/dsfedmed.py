@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.result import Result
@@ -35,7 +36,7 @@ from common import protocol as P
 from common.codec import decode_probs, encode_probs, from_array_record, to_array_record
 from common.generator import build_unet, generator_config_from_run
 from common.losses import DistillWeights, distillation_loss
-from common.models import build_model
+from common.models import build_model, load_weights
 from common.runtime import resolve_device
 from common.transforms import to_float_batch
 from server_app.fedavg import DeadlineFedAvg
@@ -220,28 +221,21 @@ class DSFedMedStrategy(DeadlineFedAvg):
         except ValueError as exc:
             return None, str(exc)
 
-    def _server_model_probs(self, arrays: ArrayRecord, images: np.ndarray) -> torch.Tensor:
+    def _server_model(self, arrays: ArrayRecord) -> torch.nn.Module:
+        """The averaged site model, materialised on the server (weights exchange only)."""
         model = build_model(self.cfg.model)
-        state = {
-            k: torch.from_numpy(np.asarray(v).reshape(model.state_dict()[k].shape))
-            for k, v in from_array_record(arrays).items()
-        }
-        model.load_state_dict(state)
+        load_weights(model, from_array_record(arrays), self.cfg.model)
+        return model
+
+    def _model_probs(self, model: torch.nn.Module, images: np.ndarray) -> torch.Tensor:
+        """The model's probabilities at ``logit-size``: what sites would have sent in logits mode."""
         model.eval()
         with torch.no_grad():
             p = torch.sigmoid(model(to_float_batch(images)))
-        return decode_probs(encode_probs(p, self.cfg.logit_size, "float16"))
+        return F.interpolate(p, size=(self.cfg.logit_size,) * 2, mode="area")
 
-    def _distill_server_model(self, arrays: ArrayRecord, images, masks, fm_probs, rnd) -> ArrayRecord:
+    def _distill_server_model(self, model: torch.nn.Module, images, masks, fm_probs, rnd) -> ArrayRecord:
         """The paper's server-side step: the averaged site model learns from the FM on S_r."""
-        model = build_model(self.cfg.model)
-        ref = model.state_dict()
-        model.load_state_dict(
-            {
-                k: torch.from_numpy(np.asarray(v).reshape(ref[k].shape))
-                for k, v in from_array_record(arrays).items()
-            }
-        )
         model.train()
         opt = torch.optim.Adam(model.parameters(), lr=self.cfg.learning_rate)
         gen = torch.Generator().manual_seed(rnd)
@@ -265,8 +259,7 @@ class DSFedMedStrategy(DeadlineFedAvg):
         cfg, fed = self.cfg, self.fed
         t_run = time.time()
         result = Result()
-        before = ({}, {})
-        t0 = time.time()
+        t0, before = t_run, ({}, {})  # round 0 also books profile, generator and pool traffic
         self.profile_sites()
         pool = self.build_pool()
         has_pool: set[int] = set()
@@ -345,17 +338,12 @@ class DSFedMedStrategy(DeadlineFedAvg):
             valid, probs, counts, losses = [], [], [], {}
             for site, rep in ex.replies.items():
                 node = rep.metadata.src_node_id
-                why = None
-                if P.KEY_METRICS not in rep.content.metric_records:
-                    why = f"no '{P.KEY_METRICS}' record"
-                n_ex = rep.content.metric_records[P.KEY_METRICS].get(P.MET_NUM_EXAMPLES, 0) if not why else 0
-                if not why and (not np.isfinite(n_ex) or n_ex <= 0):
-                    why = f"'{P.MET_NUM_EXAMPLES}' is {n_ex!r}"
+                why = self.validate_metrics(rep)
                 p = None
                 if not why and cfg.exchange in ("logits", "hybrid"):
                     p, why = self._validate_probs(rep, len(idx))
                 if not why and weights_mode:
-                    why = self.validate_train_reply(site, rep, arrays)
+                    why = self.validate_weights(rep, arrays)
                 if why:
                     ex.errors[site] = f"rejected train reply: {why}"
                     log.warning("site %s: %s", site, ex.errors[site])
@@ -363,7 +351,7 @@ class DSFedMedStrategy(DeadlineFedAvg):
                 if send_once:
                     has_pool.add(node)
                 valid.append(rep)
-                counts.append(float(n_ex))
+                counts.append(float(rep.content.metric_records[P.KEY_METRICS][P.MET_NUM_EXAMPLES]))
                 if p is not None:
                     probs.append(p)
                 losses[site] = float(rep.content.metric_records[P.KEY_METRICS].get(P.MET_LOSS, np.nan))
@@ -393,13 +381,14 @@ class DSFedMedStrategy(DeadlineFedAvg):
                 w = torch.tensor(counts) / sum(counts)
                 ens = (torch.stack(probs) * w[:, None, None, None, None]).sum(0)
             else:  # weights: the averaged model plays the ensemble
-                ens = self._server_model_probs(arrays, pool.images[idx])
+                server_model = self._server_model(arrays)
+                ens = self._model_probs(server_model, pool.images[idx])
             ensemble[idx] = ens
             known[idx] = True
             fm_loss = teacher.distill(idx, ens, self.weights, cfg.fm_epochs, seed=rnd)
             if cfg.exchange == "weights":
                 arrays = self._distill_server_model(
-                    arrays, pool.images[idx], pool.masks[idx], fm_probs[idx], rnd
+                    server_model, pool.images[idx], pool.masks[idx], fm_probs[idx], rnd
                 )
                 result.arrays = arrays
             ev = self._evaluate(arrays, rnd, "val", self.train_nodes)

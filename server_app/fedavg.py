@@ -127,14 +127,24 @@ class DeadlineFedAvg(FedAvg):
 
     def validate_train_reply(self, site: str, msg: Message, reference: ArrayRecord) -> str | None:
         """Why a train reply cannot be averaged, or None when it is fine."""
+        return self.validate_metrics(msg) or self.validate_weights(msg, reference)
+
+    @staticmethod
+    def validate_metrics(msg: Message) -> str | None:
+        """A train reply must carry its metrics with a positive, finite example count (the weight)."""
+        if P.KEY_METRICS not in msg.content.metric_records:
+            return f"no '{P.KEY_METRICS}' record"
+        n = msg.content.metric_records[P.KEY_METRICS].get(P.MET_NUM_EXAMPLES)
+        if not isinstance(n, int | float) or not np.isfinite(n) or n <= 0:
+            return f"'{P.MET_NUM_EXAMPLES}' is {n!r}, expected a positive number"
+        return None
+
+    @staticmethod
+    def validate_weights(msg: Message, reference: ArrayRecord) -> str | None:
+        """Weights must match the global model's keys and shapes and be finite."""
         content = msg.content
         if P.KEY_ARRAYS not in content.array_records:
             return f"no '{P.KEY_ARRAYS}' record"
-        if P.KEY_METRICS not in content.metric_records:
-            return f"no '{P.KEY_METRICS}' record"
-        n = content.metric_records[P.KEY_METRICS].get(P.MET_NUM_EXAMPLES)
-        if not isinstance(n, int | float) or not np.isfinite(n) or n <= 0:
-            return f"'{P.MET_NUM_EXAMPLES}' is {n!r}, expected a positive number"
         got = content.array_records[P.KEY_ARRAYS]
         if set(got.keys()) != set(reference.keys()):
             return "weights do not match the global model's keys"

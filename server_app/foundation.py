@@ -22,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -245,7 +244,3 @@ def load_foundation_model(
         raise FoundationModelError(f"unknown fm {name!r}; registered: {', '.join(FM_NAMES)}") from None
     net = spec.build(checkpoint)
     return FoundationSegmenter(spec, net, freeze_encoder).to(device).eval()
-
-
-def images_to_uint8_tensor(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(images))

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from common.fileio import atomic_write, atomic_write_text
+
 
 def _clean(obj: Any) -> Any:
     """JSON-safe copy: NaN/inf become null (strict JSON has no NaN)."""
@@ -32,12 +34,6 @@ def _clean(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return _clean(obj.item())
     return obj
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class RunDirectory:
@@ -64,7 +60,7 @@ class RunDirectory:
 
     def write_json(self, name: str, data: dict) -> Path:
         p = self.path / name
-        _atomic_write(p, json.dumps(_clean(data), indent=2, sort_keys=False) + "\n")
+        atomic_write_text(p, json.dumps(_clean(data), indent=2, sort_keys=False) + "\n")
         return p
 
     def append_metrics(self, row: dict) -> None:
@@ -83,13 +79,8 @@ class RunDirectory:
         import torch
 
         p = self.checkpoints / name
-        tmp = p.with_name(f".{p.name}.tmp")
-        torch.save(
-            {
-                "state_dict": {k: torch.from_numpy(np.asarray(v)) for k, v in state.items()},
-                "meta": _clean(meta),
-            },
-            tmp,
-        )
-        os.replace(tmp, p)
-        return p
+        payload = {
+            "state_dict": {k: torch.from_numpy(np.asarray(v)) for k, v in state.items()},
+            "meta": _clean(meta),
+        }
+        return atomic_write(p, lambda tmp: torch.save(payload, tmp))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.fileio import atomic_savez
 from common.generator import GeneratorConfig, random_masks, sample_images
 
 
@@ -43,17 +43,13 @@ class Pool:
         return h.hexdigest()[:16]
 
     def save(self, path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
-        np.savez(
-            tmp,
+        return atomic_savez(
+            path,
             images=self.images,
             masks=self.masks,
             sources=np.array(self.sources),
             meta=np.array(json.dumps(self.meta)),
         )
-        os.replace(tmp, path)
-        return path
 
     @classmethod
     def load(cls, path: Path) -> Pool:

@@ -43,6 +43,7 @@ def test_profile_reply(task_identity):
     rep = app(_msg(P.MSG_QUERY_PROFILE, {}), _ctx())
     assert not rep.has_error()
     prof = rep.content.config_records[P.KEY_PROFILE]
+    assert set(prof) == set(P.PROFILE_FIELDS)  # exactly what the protocol documents, nothing more
     assert prof["site"] == "phantom-1"
     assert prof["n-train"] + prof["n-val"] + prof["n-test"] == 16
     assert prof["model"] == "unet" and prof["model-params"] > 0
