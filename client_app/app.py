@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from common import protocol as P
 from common.codec import decode_probs, encode_probs, from_array_record, to_array_record
 from common.config import ConfigError, NodeConfig, RunConfig, parse_node_config, parse_run_config
 from common.data import SiteDataError
+from common.foundation import PromptFreeSegmenter, load_foundation_model
 from common.generator import generator_config_from_run, train_generator
 from common.losses import DistillWeights
 from common.runtime import configure_threads, package_versions, resolve_device, setup_logging
@@ -54,6 +56,13 @@ def _trainer(run: RunConfig, node: NodeConfig, model: str | None = None) -> Site
     site, split = load_site(run, node)
     device = resolve_device(node.device or run.device)
     torch.manual_seed(run.seed)  # a site's initial model is reproducible from the run seed
+    if run.method == "fedfm":  # the site runs the foundation model itself (FedSAM baseline)
+        fm = load_foundation_model(
+            run.fm, run.fm_checkpoint, device, freeze_encoder=run.fm_trainable == "decoder"
+        )
+        return SiteTrainer(
+            site, split, f"fm:{run.fm}", device, model=PromptFreeSegmenter(fm, run.fm_trainable)
+        )
     if not model and _own_model(run):
         model = node.model or run.model_for(site.name)
     return SiteTrainer(site, split, model or node.model or run.model, device)
@@ -62,16 +71,6 @@ def _trainer(run: RunConfig, node: NodeConfig, model: str | None = None) -> Site
 def _own_model(run: RunConfig) -> bool:
     """In DSFedMed ``logits`` exchange each site keeps (and may choose) its own model."""
     return run.method == "dsfedmed" and run.exchange == "logits"
-
-
-def _settings(run: RunConfig, server_round: int) -> TrainSettings:
-    return TrainSettings(
-        epochs=run.local_epochs,
-        batch_size=run.batch_size,
-        learning_rate=run.learning_rate,
-        augment=run.augment,
-        seed=run.seed * 100_003 + server_round,
-    )
 
 
 def _guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
@@ -142,7 +141,7 @@ def query_profile(msg: Message, context: Context) -> Message:
 @app.train()
 @_guarded
 def train(msg: Message, context: Context) -> Message:
-    """FedAvg local training: load global weights, train local epochs, return weights + metrics."""
+    """FedAvg (and fedfm) local training: load global weights, train, return weights + metrics."""
     run, node = _setup(context)
     if run.method == "dsfedmed":
         return _train_dsfedmed(msg, context, run, node)
@@ -150,7 +149,7 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(cfg.get(P.CFG_ROUND, 0))
     tr = _trainer(run, node, model=str(cfg.get(P.CFG_MODEL, "")) or None)
     tr.set_weights(_weights(msg))
-    metrics = tr.train(_settings(run, server_round))
+    metrics = tr.train(TrainSettings.from_run(run, server_round))
     content = RecordDict(
         {
             P.KEY_ARRAYS: to_array_record(tr.get_weights()),
@@ -269,7 +268,10 @@ def _train_dsfedmed(msg: Message, context: Context, run: RunConfig, node: NodeCo
     selected = [int(i) for i in cfg.get(P.CFG_SELECTED, [])]
     if not selected:
         raise PayloadError("no selected synthetic samples in the request")
+    bootstrap = str(cfg.get(P.CFG_STAGE, "")) == P.STAGE_BOOTSTRAP
     own = _own_model(run)
+    if bootstrap and not own:
+        raise PayloadError("stage 'bootstrap' exists in logits exchange only")
     tr = _trainer(run, node, model=None if own else str(cfg.get(P.CFG_MODEL, "")) or None)
     store = SiteStore(node.state_dir, context.run_id, tr.site.name)
     if own:
@@ -288,16 +290,22 @@ def _train_dsfedmed(msg: Message, context: Context, run: RunConfig, node: NodeCo
         expected_n=len(selected),
         expected_size=run.logit_size,
     )
+    settings = TrainSettings.from_run(run, server_round)
+    if bootstrap:
+        settings = replace(settings, epochs=max(1, run.holdout_epochs))
     metrics = tr.train_with_distillation(
-        _settings(run, server_round),
+        settings,
         syn_images,
         syn_masks,
         teacher,
         DistillWeights(run.sup_weight, run.kd_weight, run.temperature, run.pos_weight),
+        private=not bootstrap,
     )
     weights = tr.get_weights()
     store.save_model(weights)
     content = RecordDict({P.KEY_METRICS: MetricRecord({k: float(v) for k, v in metrics.items()})})
+    if bootstrap:
+        return Message(content, reply_to=msg)
     if run.exchange in ("logits", "hybrid"):
         probs = encode_probs(tr.predict_probs(syn_images), run.logit_size, run.logit_dtype)
         content[P.KEY_SITE_PROBS] = to_array_record({P.ARR_PROBS: probs})

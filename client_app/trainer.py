@@ -15,6 +15,7 @@ import torch
 from monai.losses import DiceCELoss
 from torch.utils.data import DataLoader
 
+from common.config import RunConfig
 from common.data import SiteArrays
 from common.losses import DistillWeights, distillation_loss
 from common.metrics import ThresholdedScores
@@ -30,26 +31,52 @@ class TrainSettings:
     learning_rate: float
     augment: bool
     seed: int
+    max_steps: int = 0  # cap on optimiser steps (0 = all epochs); the fedfm baseline needs it on a CPU
+
+    @classmethod
+    def from_run(cls, run: RunConfig, server_round: int) -> TrainSettings:
+        """A round's local training settings; the seed changes every round."""
+        fm = run.method == "fedfm"
+        return cls(
+            epochs=run.local_epochs,
+            batch_size=run.fm_batch_size if fm else run.batch_size,
+            learning_rate=run.fm_learning_rate if fm else run.learning_rate,
+            augment=run.augment,
+            seed=run.seed * 100_003 + server_round,
+            max_steps=run.fm_local_steps if fm else 0,
+        )
 
 
 class SiteTrainer:
     """Owns one site's model and data; trains and evaluates it on the site's own splits."""
 
-    def __init__(self, site: SiteArrays, split: Split, model_name: str, device: torch.device):
-        check_input_size(model_name, site.images.shape[-1])
+    def __init__(
+        self,
+        site: SiteArrays,
+        split: Split,
+        model_name: str,
+        device: torch.device,
+        model: torch.nn.Module | None = None,
+    ):
+        """``model`` overrides the registry (the fedfm baseline passes its prompt-free FM); its
+        ``exchanged_module``, if it has one, is the part whose weights travel."""
+        if model is None:
+            check_input_size(model_name, site.images.shape[-1])
+            model = build_model(model_name, in_channels=site.images.shape[1])
         self.site = site
         self.split = split
         self.model_name = model_name
         self.device = device
-        self.model = build_model(model_name, in_channels=site.images.shape[1]).to(device)
+        self.model = model.to(device)
+        self.exchanged: torch.nn.Module = getattr(self.model, "exchanged_module", self.model)
         self.loss_fn = DiceCELoss(sigmoid=True)
 
     # --- weights -----------------------------------------------------------------------------
     def get_weights(self) -> dict[str, np.ndarray]:
-        return {k: v.detach().cpu().numpy() for k, v in self.model.state_dict().items()}
+        return {k: v.detach().cpu().numpy() for k, v in self.exchanged.state_dict().items()}
 
     def set_weights(self, weights: dict[str, np.ndarray]) -> None:
-        load_weights(self.model, weights, self.model_name)
+        load_weights(self.exchanged, weights, self.model_name)
 
     @property
     def num_parameters(self) -> int:
@@ -79,7 +106,11 @@ class SiteTrainer:
         self.model.train()
         total, steps = 0.0, 0
         for _ in range(s.epochs):
+            if s.max_steps and steps >= s.max_steps:
+                break
             for batch in loader:
+                if s.max_steps and steps >= s.max_steps:
+                    break
                 x = batch["image"].to(self.device)
                 y = batch["mask"].to(self.device)
                 if x.shape[0] < 2 and any(
@@ -108,13 +139,18 @@ class SiteTrainer:
         syn_masks: np.ndarray,
         teacher_probs: torch.Tensor | None,
         w: DistillWeights,
+        private: bool = True,
     ) -> dict[str, float]:
-        """DSFedMed site step: local epochs on private data, each followed by distillation on the
-        selected synthetic samples (supervised BCE on their masks + KL towards the FM's soft targets)."""
+        """DSFedMed site step: local epochs on private data, then distillation on the selected
+        synthetic samples (supervised BCE on their masks + KL towards the FM's soft targets).
+        ``private=False`` (a held-out site bootstrapping) learns from the synthetic samples only."""
         t0 = time.time()
-        private = self.train(s)
+        if private:
+            out = self.train(s)
+        else:
+            out = {"train-loss": float("nan"), "num-examples": len(syn_images), "steps": 0}
         if len(syn_images) == 0:
-            return private
+            return out
         gen = torch.Generator().manual_seed(s.seed + 1)
         x_all = to_float_batch(syn_images)
         m_all = torch.from_numpy(syn_masks.astype(np.float32))
@@ -138,10 +174,10 @@ class SiteTrainer:
                 opt.step()
                 total += float(loss.detach())
                 steps += 1
-        private["distill-loss"] = total / max(steps, 1)
-        private["distill-steps"] = steps
-        private["seconds"] = time.time() - t0
-        return private
+        out["distill-loss"] = total / max(steps, 1)
+        out["distill-steps"] = steps
+        out["seconds"] = time.time() - t0
+        return out
 
     def pool_score(
         self, pool_images: np.ndarray, pool_masks: np.ndarray, s: TrainSettings
@@ -170,9 +206,13 @@ class SiteTrainer:
         return torch.cat(out) if out else torch.zeros(0, 1, *images.shape[-2:])
 
     def evaluate(self, split: str) -> dict[str, float]:
-        """Dice/IoU (threshold-averaged) on ``split`` (train, val, test or all)."""
+        """Dice/IoU (threshold-averaged) on ``split`` (train, val, test, or all = the three together:
+        every pair the run uses, which a held-out site is tested on)."""
         t0 = time.time()
-        idx = list(range(len(self.site))) if split == "all" else self.split[split]
+        if split == "all":
+            idx = sorted(self.split["train"] + self.split["val"] + self.split["test"])
+        else:
+            idx = self.split[split]
         if not idx:
             return {"dice": float("nan"), "iou": float("nan"), "n": 0, "seconds": 0.0}
         imgs, masks = self.site.subset(idx)

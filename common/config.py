@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from common.models import MODEL_NAMES
 
-Method = Literal["fedavg", "dsfedmed"]
+Method = Literal["fedavg", "dsfedmed", "fedfm"]
+FMTrainable = Literal["all", "decoder"]
 Exchange = Literal["logits", "weights", "hybrid"]
 PoolSource = Literal["generator", "phantoms", "folder"]
 SelectionRule = Literal["paper", "quantile", "all"]
@@ -117,10 +118,22 @@ class RunConfig(_Strict):
     fm_prompt: PromptMode = "mask-box"
     fm_learning_rate: float = Field(1e-4, gt=0.0, le=1.0)
     fm_epochs: int = Field(1, ge=0, le=100)
+    # fedfm baseline (sites fine-tune the FM itself, its weights averaged: FedSAM)
+    fm_trainable: FMTrainable = Field(
+        "all", description="fedfm: 'all' weights (FedSAM) or only the mask 'decoder' (FedMSA direction)"
+    )
+    fm_local_steps: int = Field(
+        0, ge=0, le=100_000, description="fedfm: cap on optimiser steps per round (0 = local-epochs)"
+    )
+    fm_batch_size: int = Field(4, ge=1, le=1024, description="fedfm: images per site training step")
     pool_source: PoolSource = "generator"
     pool_folder: str = ""
     pool_size: int = Field(48, ge=2, le=100_000)
-    pool_dir: str = Field("", description="reuse/store the synthetic pool here; empty = run directory only")
+    pool_dir: str = Field(
+        "",
+        description="reuse/store the synthetic pool and its FM embeddings here; empty = run directory only",
+    )
+    pool_seed: int = Field(-1, ge=-1, description="seed of the synthetic pool; -1 = the run seed")
     gen_size: int = Field(32, ge=16, le=256)
     gen_steps: int = Field(3000, ge=1)
     gen_seconds: float = Field(150.0, gt=0.0)
@@ -144,6 +157,13 @@ class RunConfig(_Strict):
     sampling_deadline_s: float = Field(120.0, gt=0.0)
     round_timeout_s: float = Field(900.0, gt=0.0)
     holdout_site: str = ""
+    holdout_epochs: int = Field(
+        3,
+        ge=0,
+        le=1000,
+        description="logits exchange: epochs the held-out site distils from the final FM on the pool",
+    )
+    evaluate_every: int = Field(1, ge=1, description="validation every k rounds (the last round always)")
     # outputs and machine
     runs_root: str = "runs"
     run_dir: str = ""

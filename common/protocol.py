@@ -28,6 +28,13 @@ DSFedMed additions:
                   site -> server: ``site-probs`` (its probabilities on the selected samples, compact
                   dtype) in ``logits``/``hybrid``; ``arrays`` (its weights) in ``weights``/``hybrid``;
                   ``metrics``.
+  train (stage=bootstrap, logits exchange, after the last round) server -> held-out site: the
+                  whole ``pool`` and the final FM's ``soft-targets`` on all of it. The site trains
+                  its own model on them alone (it never trains on its own labels) and replies with
+                  ``metrics`` only: how a hospital that joins late starts from the federation.
+
+fedfm baseline (sites fine-tune the FM itself, FedSAM): ``train``/``evaluate`` as FedAvg, where
+``arrays`` are the FM's weights (all of them, or the mask decoder's with ``fm-trainable=decoder``).
 """
 
 from __future__ import annotations
@@ -61,6 +68,8 @@ CFG_POOL_ID = "pool-id"
 CFG_POOL_INCLUDED = "pool-included"  # "all" (whole pool in this message), "selected", or "none"
 CFG_SELECTED = "selected"  # pool indices of this round's selected samples
 CFG_EXCHANGE = "exchange"
+CFG_STAGE = "stage"  # "bootstrap": a held-out site learns from the pool and the FM only (logits)
+STAGE_BOOTSTRAP = "bootstrap"
 
 # metric record fields sent by sites
 MET_NUM_EXAMPLES = "num-examples"  # Flower's conventional weighting key

@@ -11,6 +11,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.codec import to_array_record
 from common.config import ConfigError, parse_run_config
+from common.foundation import PromptFreeSegmenter, load_foundation_model
 from common.models import build_model, count_parameters
 from common.runtime import configure_threads, setup_logging
 from server_app.dsfedmed import DSFedMedStrategy
@@ -37,11 +38,19 @@ def main(grid: Grid, context: Context) -> None:
     rundir.write_json("config.json", {"run_config": cfg.to_flat()})
 
     torch.manual_seed(cfg.seed)  # the initial global model is part of what `seed` reproduces
-    model = build_model(cfg.model)
-    log.info("method %s, model %s (%d parameters)", cfg.method, cfg.model, count_parameters(model))
     fed = Federation(grid)
+    if cfg.method == "fedfm":  # the global model is the FM itself (or its decoder)
+        fm = load_foundation_model(cfg.fm, cfg.fm_checkpoint, "cpu")
+        model = PromptFreeSegmenter(fm, cfg.fm_trainable).exchanged_module
+        model_name = f"{cfg.fm} ({cfg.fm_trainable})"
+    else:
+        model = build_model(cfg.model)
+        model_name = cfg.model
+    log.info("method %s, model %s (%d parameters)", cfg.method, model_name, count_parameters(model))
     strategy_cls = DSFedMedStrategy if cfg.method == "dsfedmed" else DeadlineFedAvg
     strategy = strategy_cls(cfg, fed, rundir)
+    if cfg.method == "fedfm":
+        strategy.require_same_model = False  # sites run the FM; their own site model is not used
     t0 = time.time()
     try:
         strategy.start(
@@ -66,6 +75,7 @@ def main(grid: Grid, context: Context) -> None:
         log.error("federation stopped: %s (see %s)", exc, rundir.path / "summary.json")
         raise
     summary = {"run_dir": str(rundir.path), "model_params": count_parameters(model), **strategy.summary_data}
+    summary["model"] = model_name
     rundir.write_json("config.json", {"run_config": cfg.to_flat(), "site_profiles": strategy.profiles})
     rundir.write_json("summary.json", summary)
     log.info(

@@ -34,6 +34,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from common import protocol as P
 from common.codec import decode_probs, encode_probs, from_array_record, to_array_record
+from common.foundation import fm_checkpoint_id, load_foundation_model
 from common.generator import build_unet, generator_config_from_run
 from common.losses import DistillWeights, distillation_loss
 from common.models import build_model, load_weights
@@ -41,7 +42,6 @@ from common.runtime import resolve_device
 from common.transforms import to_float_batch
 from server_app.fedavg import DeadlineFedAvg
 from server_app.federation import FederationStopped
-from server_app.foundation import load_foundation_model
 from server_app.selection import SelectionConfig, select
 from server_app.synthesis import Pool, contact_sheet, folder_pool, generator_pool, phantom_pool
 from server_app.teacher import FoundationTeacher
@@ -57,6 +57,7 @@ class DSFedMedStrategy(DeadlineFedAvg):
         self.weights = DistillWeights(
             self.cfg.sup_weight, self.cfg.kd_weight, self.cfg.temperature, self.cfg.pos_weight
         )
+        self.pool_seed = self.cfg.pool_seed if self.cfg.pool_seed >= 0 else self.cfg.seed
 
     # --- pool ----------------------------------------------------------------------------------
     def _pool_key(self) -> dict:
@@ -65,7 +66,7 @@ class DSFedMedStrategy(DeadlineFedAvg):
             "source": cfg.pool_source,
             "size": cfg.pool_size,
             "image_size": cfg.image_size,
-            "seed": cfg.seed,
+            "seed": self.pool_seed,
         }
         if cfg.pool_source == "generator":
             key["generator"] = {
@@ -76,6 +77,7 @@ class DSFedMedStrategy(DeadlineFedAvg):
                 "sample_steps": cfg.gen_sample_steps,
             }
             key["sites"] = sorted(self.fed.site_of(n) for n in self.train_nodes)
+            key["data"] = {"data_root": cfg.data_root, "split_file": cfg.split_file}
         if cfg.pool_source == "folder":
             key["folder"] = str(Path(cfg.pool_folder).resolve())
         return key
@@ -91,11 +93,11 @@ class DSFedMedStrategy(DeadlineFedAvg):
                 return pool
             log.info("pool in %s was made with other settings; building a new one", cached)
         if cfg.pool_source == "phantoms":
-            pool = phantom_pool(cfg.pool_size, cfg.image_size, cfg.seed)
+            pool = phantom_pool(cfg.pool_size, cfg.image_size, self.pool_seed)
         elif cfg.pool_source == "folder":
             if not cfg.pool_folder:
                 raise FederationStopped("pool-source 'folder' needs run config 'pool-folder'")
-            pool = folder_pool(cfg.pool_folder, cfg.pool_size, cfg.image_size, cfg.seed)
+            pool = folder_pool(cfg.pool_folder, cfg.pool_size, cfg.image_size, self.pool_seed)
         else:
             pool = self._generator_pool()
         pool.meta["key"] = key
@@ -145,7 +147,7 @@ class DSFedMedStrategy(DeadlineFedAvg):
                 "use pool-source 'phantoms' or 'folder' instead"
             )
         t0 = time.time()
-        pool = generator_pool(gens, gcfg, cfg.pool_size, cfg.image_size, cfg.seed, self.device)
+        pool = generator_pool(gens, gcfg, cfg.pool_size, cfg.image_size, self.pool_seed, self.device)
         pool.meta["generators"] = {s: st for s, (_, st) in gens.items()}
         pool.meta["sample_seconds"] = time.time() - t0
         pool.meta["generator_errors"] = ex.errors
@@ -252,6 +254,36 @@ class DSFedMedStrategy(DeadlineFedAvg):
                 opt.step()
         return to_array_record({k: v.detach().numpy() for k, v in model.state_dict().items()})
 
+    def _bootstrap_holdout(
+        self, pool: Pool, teacher: FoundationTeacher, has_pool: set[int], rnd: int
+    ) -> dict:
+        """Logits exchange: the held-out site has no model of its own yet. It gets what a hospital
+        joining the federation would get (the synthetic pool and the final FM's soft targets on all
+        of it) and trains its site model on those alone; its own labels are only used to test it."""
+        cfg, node = self.cfg, self.holdout_node
+        idx = np.arange(len(pool))
+        soft = encode_probs(teacher.probs(None, cfg.logit_size), cfg.logit_size, cfg.logit_dtype)
+        conf = {
+            P.CFG_ROUND: rnd,
+            P.CFG_STAGE: P.STAGE_BOOTSTRAP,
+            P.CFG_POOL_ID: pool.pool_id,
+            P.CFG_SELECTED: [int(i) for i in idx],
+            P.CFG_EXCHANGE: cfg.exchange,
+            P.CFG_MODEL: cfg.model,
+            P.CFG_POOL_INCLUDED: "none" if node in has_pool else "all",
+        }
+        rec = RecordDict({P.KEY_SOFT: to_array_record({P.ARR_PROBS: soft}), P.KEY_CONFIG: ConfigRecord(conf)})
+        if node not in has_pool:
+            rec[P.KEY_POOL] = to_array_record({P.ARR_IMAGES: pool.images, P.ARR_MASKS: pool.masks})
+        ex = self.fed.send([self.fed.make(node, P.MSG_TRAIN, rec, rnd)], cfg.round_timeout_s)
+        site = cfg.holdout_site
+        if site in ex.replies and not self.validate_metrics(ex.replies[site]):
+            log.info("held-out site %s trained its model on the %d-sample pool and the FM", site, len(idx))
+            return {"status": "trained", "samples": len(idx), "epochs": cfg.holdout_epochs}
+        reason = ex.errors.get(site) or ("no answer" if site in ex.timeouts else "reply without metrics")
+        log.warning("held-out site %s could not bootstrap: %s", site, reason)
+        return {"status": "failed", "reason": reason}
+
     # --- the run -------------------------------------------------------------------------------
     def start(  # type: ignore[override]
         self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int, timeout: float, **_: object
@@ -265,8 +297,20 @@ class DSFedMedStrategy(DeadlineFedAvg):
         has_pool: set[int] = set()
         pool_score = self.score_pool(pool, has_pool)
         fm = load_foundation_model(cfg.fm, cfg.fm_checkpoint, self.device)
+        embed_cache = (
+            Path(cfg.pool_dir).expanduser() / f"fm-embeddings-{cfg.fm}-{pool.pool_id}.pt"
+            if cfg.pool_dir
+            else None
+        )
         teacher = FoundationTeacher(
-            fm, pool.images, pool.masks, cfg.fm_prompt, cfg.fm_learning_rate, log.info
+            fm,
+            pool.images,
+            pool.masks,
+            cfg.fm_prompt,
+            cfg.fm_learning_rate,
+            log.info,
+            cache=embed_cache,
+            cache_key={"fm": cfg.fm, "checkpoint": fm_checkpoint_id(cfg.fm_checkpoint), "pool": pool.pool_id},
         )
         weights_mode = cfg.exchange in ("weights", "hybrid")
         arrays = initial_arrays if weights_mode else None
@@ -391,7 +435,7 @@ class DSFedMedStrategy(DeadlineFedAvg):
                     server_model, pool.images[idx], pool.masks[idx], fm_probs[idx], rnd
                 )
                 result.arrays = arrays
-            ev = self._evaluate(arrays, rnd, "val", self.train_nodes)
+            ev = self._evaluate_round(arrays, rnd, num_rounds)
             scores = self._scores(ev)
             result.evaluate_metrics_clientapp[rnd] = MetricRecord(
                 {"dice-mean": self._mean(scores, "dice") or 0.0}
@@ -422,9 +466,12 @@ class DSFedMedStrategy(DeadlineFedAvg):
                 )
             completed = rnd
 
-        # in logits exchange a held-out site never trained its own model, so leave-one-site-out is
-        # meaningful in weights/hybrid exchange only (the summary says which exchange ran)
+        bootstrap = None
+        if self.holdout_node is not None and not weights_mode:
+            bootstrap = self._bootstrap_holdout(pool, teacher, has_pool, num_rounds)
         final, holdout = self._final_evaluation(arrays, num_rounds)
+        if holdout is not None and bootstrap is not None:
+            holdout["bootstrap"] = bootstrap
         self.rundir.save_checkpoint(
             "fm_decoder_final.pt", teacher.decoder_state(), {"round": completed, "fm": cfg.fm}
         )

@@ -117,14 +117,6 @@ class DeadlineFedAvg(FedAvg):
         record = RecordDict({P.KEY_ARRAYS: arrays, P.KEY_CONFIG: config})
         return [self.fed.make(n, P.MSG_TRAIN, record, server_round) for n in nodes]
 
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        nodes = [n for n in grid.get_node_ids() if n in self.train_nodes]
-        config[P.CFG_ROUND] = server_round
-        record = RecordDict({P.KEY_ARRAYS: arrays, P.KEY_CONFIG: config})
-        return [self.fed.make(n, P.MSG_EVALUATE, record, server_round) for n in nodes]
-
     def validate_train_reply(self, site: str, msg: Message, reference: ArrayRecord) -> str | None:
         """Why a train reply cannot be averaged, or None when it is fine."""
         return self.validate_metrics(msg) or self.validate_weights(msg, reference)
@@ -169,6 +161,12 @@ class DeadlineFedAvg(FedAvg):
         live = set(self.fed.grid.get_node_ids())
         msgs = [self.fed.make(n, P.MSG_EVALUATE, record, server_round) for n in nodes if n in live]
         return self.fed.send(msgs, self.cfg.round_timeout_s)
+
+    def _evaluate_round(self, arrays: ArrayRecord | None, rnd: int, num_rounds: int) -> Exchange:
+        """Validation after round ``rnd``: every ``evaluate-every`` rounds and after the last."""
+        if rnd % self.cfg.evaluate_every and rnd != num_rounds:
+            return Exchange()
+        return self._evaluate(arrays, rnd, "val", self.train_nodes)
 
     @staticmethod
     def _scores(ex: Exchange) -> dict[str, dict]:
@@ -231,8 +229,7 @@ class DeadlineFedAvg(FedAvg):
                 result.arrays = arrays
             if agg is not None:
                 result.train_metrics_clientapp[rnd] = agg
-            eval_cfg = ConfigRecord({P.CFG_SPLIT: "val", P.CFG_MODEL: cfg.model})
-            ev = fed.send(self.configure_evaluate(rnd, arrays, eval_cfg, grid), timeout)
+            ev = self._evaluate_round(arrays, rnd, num_rounds)
             scores = self._scores(ev)
             result.evaluate_metrics_clientapp[rnd] = MetricRecord(
                 {"dice-mean": self._mean(scores, "dice") or 0.0}

@@ -23,16 +23,16 @@ import numpy as np
 from common.fileio import atomic_write, atomic_write_text
 
 
-def _clean(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
     """JSON-safe copy: NaN/inf become null (strict JSON has no NaN)."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_clean(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, np.generic):
-        return _clean(obj.item())
+        return json_safe(obj.item())
     return obj
 
 
@@ -60,12 +60,12 @@ class RunDirectory:
 
     def write_json(self, name: str, data: dict) -> Path:
         p = self.path / name
-        atomic_write_text(p, json.dumps(_clean(data), indent=2, sort_keys=False) + "\n")
+        atomic_write_text(p, json.dumps(json_safe(data), indent=2, sort_keys=False) + "\n")
         return p
 
     def append_metrics(self, row: dict) -> None:
         with open(self.path / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(_clean(row)) + "\n")
+            fh.write(json.dumps(json_safe(row)) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -81,6 +81,6 @@ class RunDirectory:
         p = self.checkpoints / name
         payload = {
             "state_dict": {k: torch.from_numpy(np.asarray(v)) for k, v in state.items()},
-            "meta": _clean(meta),
+            "meta": json_safe(meta),
         }
         return atomic_write(p, lambda tmp: torch.save(payload, tmp))

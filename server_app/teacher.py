@@ -8,13 +8,15 @@ distillation updates only the decoder (towards the sites' ensemble plus the synt
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.fileio import atomic_write
+from common.foundation import FoundationSegmenter
 from common.losses import DistillWeights, distillation_loss
-from server_app.foundation import FoundationSegmenter
 
 
 class FoundationTeacher:
@@ -26,17 +28,42 @@ class FoundationTeacher:
         prompt: str,
         learning_rate: float,
         log=None,
+        cache: Path | None = None,
+        cache_key: dict | None = None,
     ):
+        """``cache``: a file that keeps the pool's embeddings across runs (the encoder is frozen, so
+        they depend only on ``cache_key``: FM, its weights and the pool); reused when the key matches."""
         self.fm = fm
         self.masks = torch.from_numpy(masks).float()
         self.boxes = fm.prompts(len(images), prompt, self.masks)
         t0 = time.time()
-        with torch.no_grad():
-            self.embeddings = fm.embed(torch.from_numpy(images)).to(torch.float16).cpu()
+        self.embeddings = self._cached(cache, cache_key, len(images))
+        if self.embeddings is None:
+            with torch.no_grad():
+                self.embeddings = fm.embed(torch.from_numpy(images)).to(torch.float16).cpu()
+            if cache is not None:
+                payload = {"key": cache_key, "embeddings": self.embeddings}
+                atomic_write(cache, lambda p: torch.save(payload, p))
+            how = "computed"
+        else:
+            how = f"reused from {cache}"
         self.embed_seconds = time.time() - t0
         if log:
-            log(f"FM embedded {len(images)} pool samples in {self.embed_seconds:.1f} s (cached)")
+            log(f"FM embeddings of {len(images)} pool samples {how} in {self.embed_seconds:.1f} s")
         self.opt = torch.optim.AdamW(fm.trainable_parameters(), lr=learning_rate, weight_decay=1e-4)
+
+    @staticmethod
+    def _cached(cache: Path | None, key: dict | None, n: int) -> torch.Tensor | None:
+        if cache is None or not cache.is_file():
+            return None
+        try:
+            payload = torch.load(cache, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - an unreadable cache is recomputed, never trusted
+            return None
+        emb = payload.get("embeddings") if isinstance(payload, dict) else None
+        if payload.get("key") != key or emb is None or len(emb) != n or not torch.isfinite(emb).all():
+            return None
+        return emb
 
     def _logits(self, idx: np.ndarray, size: int) -> torch.Tensor:
         dev = next(self.fm.parameters()).device

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.data import default_polypgen_root
+
 # Nothing in the suite may phone home or install packages at run time.
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
@@ -16,20 +18,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _polypgen() -> Path:
-    """Real data lives beside the repository (``../shared/data/polypgen``); CI may check out elsewhere."""
-    candidates = [
-        os.environ.get("DSFEDMED_POLYPGEN", ""),
-        REPO.parent / "shared" / "data" / "polypgen",
-        "/work/shared/data/polypgen",
-    ]
-    for c in candidates:
-        if c and Path(c).is_dir():
-            return Path(c).resolve()
-    return (REPO.parent / "shared" / "data" / "polypgen").resolve()
-
-
-POLYPGEN = _polypgen()
+POLYPGEN = default_polypgen_root()  # ../shared/data/polypgen or $DSFEDMED_POLYPGEN
 
 
 @pytest.fixture(autouse=True)

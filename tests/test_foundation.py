@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from common.metrics import per_image_scores
-from server_app.foundation import (
+from common.foundation import (
     FM_NAMES,
     FoundationModelError,
     FoundationSegmenter,
     load_foundation_model,
     mask_boxes,
 )
+from common.metrics import per_image_scores
 from tests.conftest import POLYPGEN
 
 
@@ -152,3 +152,38 @@ def test_teacher_caches_embeddings_and_trains_only_the_decoder(litemedsam):
     assert later < first
     assert all(torch.equal(v, fm.net.image_encoder.state_dict()[k]) for k, v in enc_before.items())
     assert any(not torch.equal(v, fm.decoder.state_dict()[k]) for k, v in dec_before.items())
+
+
+def test_teacher_embedding_cache_is_reused_only_for_its_key(litemedsam, tmp_path, monkeypatch):
+    from common.phantoms import phantom_site
+    from server_app.teacher import FoundationTeacher
+
+    site = phantom_site(4, 2, 32)
+    cache, key = tmp_path / "emb.pt", {"fm": "litemedsam", "checkpoint": "bundled", "pool": "p1"}
+    first = FoundationTeacher(
+        litemedsam, site.images, site.masks, "mask-box", 1e-4, cache=cache, cache_key=key
+    )
+    assert cache.is_file()
+
+    def no_embedding(*_a, **_k):
+        raise AssertionError("a matching cache must not be recomputed")
+
+    monkeypatch.setattr(type(litemedsam), "embed", no_embedding)
+    again = FoundationTeacher(
+        litemedsam, site.images, site.masks, "mask-box", 1e-4, cache=cache, cache_key=key
+    )
+    assert torch.equal(again.embeddings, first.embeddings)
+    # another pool (or other FM weights) must not reuse it
+    with pytest.raises(AssertionError, match="must not be recomputed"):
+        FoundationTeacher(
+            litemedsam,
+            site.images,
+            site.masks,
+            "mask-box",
+            1e-4,
+            cache=cache,
+            cache_key={**key, "pool": "p2"},
+        )
+    cache.write_bytes(b"not a torch file")  # a corrupt cache is recomputed, never trusted
+    with pytest.raises(AssertionError, match="must not be recomputed"):
+        FoundationTeacher(litemedsam, site.images, site.masks, "mask-box", 1e-4, cache=cache, cache_key=key)

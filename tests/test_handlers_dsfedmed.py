@@ -157,3 +157,29 @@ def test_pool_score_reply_and_pool_cached(task_identity, ctx):
     # the pool is now cached: a train round can refer to it by id
     rep = app(_train_msg([0, 1], included="none", pool_id="p9"), ctx())
     assert not rep.has_error(), rep.error.reason if rep.has_error() else ""
+
+
+def test_bootstrap_trains_on_pool_and_fm_only(task_identity, ctx, monkeypatch):
+    """A held-out site's bootstrap never touches its own training data and sends no probabilities."""
+    from client_app.state import SiteStore
+    from client_app.trainer import SiteTrainer
+
+    def no_private(*_a, **_k):
+        raise AssertionError("bootstrap must not train on the site's private data")
+
+    monkeypatch.setattr(SiteTrainer, "train", no_private)
+    msg = _train_msg(list(range(6)))
+    msg.content.config_records[P.KEY_CONFIG][P.CFG_STAGE] = P.STAGE_BOOTSTRAP
+    rep = app(msg, ctx(**{"holdout-epochs": 1}))
+    assert not rep.has_error(), rep.error.reason if rep.has_error() else ""
+    assert set(rep.content.array_records) == set()  # metrics only
+    m = rep.content.metric_records[P.KEY_METRICS]
+    assert m[P.MET_NUM_EXAMPLES] == 6 and m["distill-steps"] > 0
+    assert SiteStore(str(ctx().node_config["state-dir"]), 11, "phantom-0").load_model() is not None
+
+
+def test_bootstrap_refused_outside_logits_exchange(task_identity, ctx):
+    msg = _train_msg(list(range(6)))
+    msg.content.config_records[P.KEY_CONFIG][P.CFG_STAGE] = P.STAGE_BOOTSTRAP
+    rep = app(msg, ctx(exchange="weights"))
+    assert rep.has_error() and rep.error.code == ERR_PAYLOAD and "logits exchange only" in rep.error.reason

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from bench.flower_sim import flwr_run, simulation_superlink
 from tests.conftest import POLYPGEN, REPO
-from tests.flower_harness import flwr_run, simulation_superlink
 
 pytestmark = pytest.mark.integration
 

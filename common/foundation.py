@@ -235,6 +235,40 @@ class FoundationSegmenter(nn.Module):
         return self.decode(emb, self.prompts(len(images), mode, masks), out_size)
 
 
+def fm_checkpoint_id(checkpoint: str) -> str:
+    """What identifies the FM weights for caches: the bundled file, or the operator's path, size
+    and modification time (hashing a multi-GB SAM checkpoint for a cache key would cost minutes)."""
+    if not checkpoint:
+        return "bundled"
+    p = Path(checkpoint).expanduser()
+    st = p.stat() if p.is_file() else None
+    return f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}" if st else str(p)
+
+
+class PromptFreeSegmenter(nn.Module):
+    """A foundation model used like a site model (the ``fedfm`` baseline, FedSAM): float images
+    (N,3,H,W) in [0,1] in, logits at HxW out. At a site there is no ground truth at inference, so
+    every image is prompted with its whole extent as the box.
+
+    ``exchanged_module`` is what federated averaging moves: all FM weights, or the mask decoder
+    alone (``trainable='decoder'``, the image encoder then stays frozen).
+    """
+
+    def __init__(self, fm: FoundationSegmenter, trainable: str = "all"):
+        super().__init__()
+        if trainable not in ("all", "decoder"):
+            raise ValueError(f"trainable must be 'all' or 'decoder', got {trainable!r}")
+        self.fm = fm
+        self.trainable = trainable
+
+    @property
+    def exchanged_module(self) -> nn.Module:
+        return self.fm.net if self.trainable == "all" else self.fm.decoder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fm(x * 255.0, mode="whole-box", out_size=x.shape[-1])
+
+
 def load_foundation_model(
     name: str, checkpoint: str = "", device: torch.device | str = "cpu", freeze_encoder: bool = True
 ) -> FoundationSegmenter:

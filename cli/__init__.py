@@ -1,0 +1,1 @@
+"""The ``dsfedmed`` command line (typer + rich)."""
