@@ -29,6 +29,7 @@ from common.generator import generator_config_from_run, train_generator
 from common.losses import DistillWeights
 from common.runtime import configure_threads, package_versions, resolve_device, setup_logging
 from common.sites import load_site
+from common.transforms import resize_pairs
 
 log = logging.getLogger("dsfedmed.client")
 app = ClientApp()
@@ -210,9 +211,13 @@ def train_generator_handler(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-def _pool_arrays(msg: Message, store: SiteStore, pool_id: str, selected: list[int] | None, included: str):
-    """The synthetic pairs a request refers to (``selected`` None = the whole pool); a whole pool
-    that arrives is cached for later rounds, which then refer to it by id."""
+def _pool_arrays(
+    msg: Message, store: SiteStore, pool_id: str, selected: list[int] | None, included: str, size: int
+):
+    """The synthetic pairs a request refers to (``selected`` None = the whole pool) at ``size``; a
+    whole pool that arrives is cached (at the size it travelled at) for later rounds, which then
+    refer to it by id. The pool travels at the size it was made at and is resized here exactly as
+    the server resizes it."""
     if included in ("all", "selected"):
         if P.KEY_POOL not in msg.content.array_records:
             raise PayloadError(
@@ -220,8 +225,16 @@ def _pool_arrays(msg: Message, store: SiteStore, pool_id: str, selected: list[in
             )
         rec = msg.content.array_records[P.KEY_POOL]
         images, masks = rec[P.ARR_IMAGES].numpy(), rec[P.ARR_MASKS].numpy()
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] != 3:
-            raise PayloadError(f"pool images must be uint8 (N,3,S,S), got {images.dtype} {images.shape}")
+        if (
+            images.dtype != np.uint8
+            or images.ndim != 4
+            or images.shape[1] != 3
+            or images.shape[2] != images.shape[3]
+            or images.shape[2] < 8
+        ):
+            raise PayloadError(
+                f"pool images must be uint8 (N,3,S,S) with S >= 8, got {images.dtype} {images.shape}"
+            )
         if masks.shape != (images.shape[0], 1, *images.shape[2:]) or masks.max(initial=0) > 1:
             raise PayloadError(f"pool masks must be {{0,1}} uint8 (N,1,S,S), got {masks.shape}")
         if included == "selected":
@@ -229,7 +242,7 @@ def _pool_arrays(msg: Message, store: SiteStore, pool_id: str, selected: list[in
                 raise PayloadError(
                     f"{len(images)} pool images sent for {len(selected or [])} selected samples"
                 )
-            return images, masks
+            return resize_pairs(images, masks, size)
         store.save_pool(pool_id, images, masks)
     else:
         cached = store.load_pool(pool_id)
@@ -239,10 +252,10 @@ def _pool_arrays(msg: Message, store: SiteStore, pool_id: str, selected: list[in
             )
         images, masks = cached
     if selected is None:
-        return images, masks
+        return resize_pairs(images, masks, size)
     if max(selected, default=-1) >= len(images) or min(selected, default=0) < 0:
         raise PayloadError(f"a selected index is outside the pool of {len(images)} samples")
-    return images[selected], masks[selected]
+    return resize_pairs(images[selected], masks[selected], size)
 
 
 @app.evaluate("pool")
@@ -253,7 +266,7 @@ def evaluate_pool(msg: Message, context: Context) -> Message:
     cfg = _config(msg)
     tr = _trainer(run, node)
     store = SiteStore(node.state_dir, context.run_id, tr.site.name)
-    images, masks = _pool_arrays(msg, store, str(cfg.get(P.CFG_POOL_ID, "")), None, "all")
+    images, masks = _pool_arrays(msg, store, str(cfg.get(P.CFG_POOL_ID, "")), None, "all", run.image_size)
     settings = TrainSettings(run.pool_score_epochs, run.batch_size, run.learning_rate, run.augment, run.seed)
     res = tr.pool_score(images, masks, settings)
     return Message(
@@ -281,7 +294,12 @@ def _train_dsfedmed(msg: Message, context: Context, run: RunConfig, node: NodeCo
     else:
         tr.set_weights(_weights(msg))
     syn_images, syn_masks = _pool_arrays(
-        msg, store, str(cfg.get(P.CFG_POOL_ID, "")), selected, str(cfg.get(P.CFG_POOL_INCLUDED, "selected"))
+        msg,
+        store,
+        str(cfg.get(P.CFG_POOL_ID, "")),
+        selected,
+        str(cfg.get(P.CFG_POOL_INCLUDED, "selected")),
+        run.image_size,
     )
     if P.KEY_SOFT not in msg.content.array_records:
         raise PayloadError(f"message has no '{P.KEY_SOFT}' record")

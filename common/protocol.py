@@ -20,7 +20,9 @@ DSFedMed additions:
   evaluate.pool   server -> site: ``pool`` (the whole synthetic pool, which the site then caches).
                   site -> server: ``metrics`` (validation Dice of its model trained on the pool alone
                   and on as many real images: the pool's quality, measured where the real data is).
-  train           server -> site: ``pool`` (synthetic images + masks, uint8; the whole pool once
+  train           server -> site: ``pool`` (synthetic images + masks, uint8, at the size they were
+                  made at: gen-size for a generator pool; both ends resize it to image-size with
+                  ``common.transforms.resize_pairs``; the whole pool once
                   when that is cheaper over the run, else the selected samples each round),
                   ``soft-targets`` (FM probabilities on the selected samples, compact dtype),
                   ``config`` (round, pool id, selected ids, distillation weights), and ``arrays``

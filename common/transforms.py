@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.data import Dataset
 from monai.transforms import (
     Compose,
@@ -57,3 +58,16 @@ def make_dataset(images: np.ndarray, masks: np.ndarray, augment: bool) -> Datase
 
 def to_float_batch(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images.astype(np.float32) / 255.0)
+
+
+def resize_pairs(images: np.ndarray, masks: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (N,3,S,S) images and {0,1} (N,1,S,S) masks at ``size`` (bilinear; masks thresholded at
+    0.5). The server and the sites both call this on the synthetic pool, which travels at the size
+    it was made at, so both see the same pixels. A no-op when the size already matches."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images, masks
+    t = torch.from_numpy(np.ascontiguousarray(images)).float()
+    img = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
+    m = torch.from_numpy(np.ascontiguousarray(masks)).float()
+    m = F.interpolate(m, size=(size, size), mode="bilinear", align_corners=False) >= 0.5
+    return img.round().clamp(0, 255).byte().numpy(), m.byte().numpy()

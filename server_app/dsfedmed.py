@@ -39,7 +39,7 @@ from common.generator import build_unet, generator_config_from_run
 from common.losses import DistillWeights, distillation_loss
 from common.models import build_model, load_weights
 from common.runtime import resolve_device
-from common.transforms import to_float_batch
+from common.transforms import resize_pairs, to_float_batch
 from server_app.fedavg import DeadlineFedAvg
 from server_app.federation import FederationStopped
 from server_app.selection import SelectionConfig, select
@@ -147,7 +147,7 @@ class DSFedMedStrategy(DeadlineFedAvg):
                 "use pool-source 'phantoms' or 'folder' instead"
             )
         t0 = time.time()
-        pool = generator_pool(gens, gcfg, cfg.pool_size, cfg.image_size, self.pool_seed, self.device)
+        pool = generator_pool(gens, gcfg, cfg.pool_size, self.pool_seed, self.device)
         pool.meta["generators"] = {s: st for s, (_, st) in gens.items()}
         pool.meta["sample_seconds"] = time.time() - t0
         pool.meta["generator_errors"] = ex.errors
@@ -294,23 +294,31 @@ class DSFedMedStrategy(DeadlineFedAvg):
         t0, before = t_run, ({}, {})  # round 0 also books profile, generator and pool traffic
         self.profile_sites()
         pool = self.build_pool()
+        # the pool travels at the size it was made at; the FM and server models see it at image-size,
+        # resized exactly as the sites resize it
+        pool_images, pool_masks = resize_pairs(pool.images, pool.masks, cfg.image_size)
         has_pool: set[int] = set()
         pool_score = self.score_pool(pool, has_pool)
         fm = load_foundation_model(cfg.fm, cfg.fm_checkpoint, self.device)
         embed_cache = (
-            Path(cfg.pool_dir).expanduser() / f"fm-embeddings-{cfg.fm}-{pool.pool_id}.pt"
+            Path(cfg.pool_dir).expanduser() / f"fm-embeddings-{cfg.fm}-{pool.pool_id}-{cfg.image_size}px.pt"
             if cfg.pool_dir
             else None
         )
         teacher = FoundationTeacher(
             fm,
-            pool.images,
-            pool.masks,
+            pool_images,
+            pool_masks,
             cfg.fm_prompt,
             cfg.fm_learning_rate,
             log.info,
             cache=embed_cache,
-            cache_key={"fm": cfg.fm, "checkpoint": fm_checkpoint_id(cfg.fm_checkpoint), "pool": pool.pool_id},
+            cache_key={
+                "fm": cfg.fm,
+                "checkpoint": fm_checkpoint_id(cfg.fm_checkpoint),
+                "pool": pool.pool_id,
+                "image_size": cfg.image_size,
+            },
         )
         weights_mode = cfg.exchange in ("weights", "hybrid")
         arrays = initial_arrays if weights_mode else None
@@ -426,20 +434,21 @@ class DSFedMedStrategy(DeadlineFedAvg):
                 ens = (torch.stack(probs) * w[:, None, None, None, None]).sum(0)
             else:  # weights: the averaged model plays the ensemble
                 server_model = self._server_model(arrays)
-                ens = self._model_probs(server_model, pool.images[idx])
+                ens = self._model_probs(server_model, pool_images[idx])
             ensemble[idx] = ens
             known[idx] = True
             fm_loss = teacher.distill(idx, ens, self.weights, cfg.fm_epochs, seed=rnd)
             if cfg.exchange == "weights":
                 arrays = self._distill_server_model(
-                    server_model, pool.images[idx], pool.masks[idx], fm_probs[idx], rnd
+                    server_model, pool_images[idx], pool_masks[idx], fm_probs[idx], rnd
                 )
                 result.arrays = arrays
             ev = self._evaluate_round(arrays, rnd, num_rounds)
             scores = self._scores(ev)
-            result.evaluate_metrics_clientapp[rnd] = MetricRecord(
-                {"dice-mean": self._mean(scores, "dice") or 0.0}
-            )
+            if scores:  # rounds without validation (evaluate-every) have none
+                result.evaluate_metrics_clientapp[rnd] = MetricRecord(
+                    {"dice-mean": self._mean(scores, "dice") or 0.0}
+                )
             self._log_row(
                 rnd,
                 scores,

@@ -231,9 +231,10 @@ class DeadlineFedAvg(FedAvg):
                 result.train_metrics_clientapp[rnd] = agg
             ev = self._evaluate_round(arrays, rnd, num_rounds)
             scores = self._scores(ev)
-            result.evaluate_metrics_clientapp[rnd] = MetricRecord(
-                {"dice-mean": self._mean(scores, "dice") or 0.0}
-            )
+            if scores:  # rounds without validation (evaluate-every) have none
+                result.evaluate_metrics_clientapp[rnd] = MetricRecord(
+                    {"dice-mean": self._mean(scores, "dice") or 0.0}
+                )
             self._log_row(rnd, scores, losses, ev, ex, before, t0)
             self.rundir.save_checkpoint(
                 f"global_round_{rnd:03d}.pt",

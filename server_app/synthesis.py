@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from common.fileio import atomic_savez
 from common.generator import GeneratorConfig, random_masks, sample_images
@@ -79,20 +78,17 @@ def folder_pool(folder: str, n: int, image_size: int, seed: int) -> Pool:
     )
 
 
-def _resize_masks(masks: np.ndarray, size: int) -> np.ndarray:
-    t = torch.from_numpy(masks).float()
-    return (F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False) >= 0.5).byte().numpy()
-
-
 def generator_pool(
     generators: dict[str, tuple[dict, dict]],
     cfg: GeneratorConfig,
     n: int,
-    image_size: int,
     seed: int,
     device: torch.device | str = "cpu",
 ) -> Pool:
-    """Sample ``n`` pairs, split evenly over the sites' generators (weights, stats)."""
+    """Sample ``n`` pairs, split evenly over the sites' generators (weights, stats), at the
+    generator's own size: that is how the pool is stored and sent (sites and server resize it to
+    the run's image size with :func:`common.transforms.resize_pairs`; upsampling first would only
+    multiply the bytes on the wire)."""
     sites = sorted(generators)
     counts = [n // len(sites) + (1 if i < n % len(sites) else 0) for i in range(len(sites))]
     images, masks, sources = [], [], []
@@ -104,21 +100,8 @@ def generator_pool(
             count, cfg.size, stats["mask_log_fg_mean"], stats["mask_log_fg_std"], seed * 1000 + k
         )
         imgs = sample_images(state, cfg, m_small, seed=seed * 1000 + k, device=device)
-        if cfg.size != image_size:
-            imgs = (
-                F.interpolate(
-                    torch.from_numpy(imgs).float(),
-                    size=(image_size,) * 2,
-                    mode="bilinear",
-                    align_corners=False,
-                )
-                .round()
-                .clamp(0, 255)
-                .byte()
-                .numpy()
-            )
         images.append(imgs)
-        masks.append(_resize_masks(m_small, image_size))
+        masks.append(m_small)
         sources += [site] * count
     return Pool(np.concatenate(images), np.concatenate(masks), sources, {"source": "generator"})
 

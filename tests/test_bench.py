@@ -9,6 +9,7 @@ import pytest
 from bench.profiles import PROFILES
 from bench.report import aggregate, judge, write_results
 from bench.runner import BenchRunner, measure_inference
+from tests.test_integration import _assert_complete_run_dir
 
 METHOD_KEYS = {
     "dice_test_mean",
@@ -46,9 +47,14 @@ def test_tiny_profile_writes_results_from_real_runs(tmp_path):
     for m in data["methods"].values():
         assert METHOD_KEYS <= set(m)
 
+    # the run directory is complete (the FedAvg simulation test of the app itself)
+    rows, summary = _assert_complete_run_dir(
+        tmp_path / "work" / "runs" / "fedavg-s0", 1, ["phantom-0", "phantom-1"]
+    )
+    assert summary["holdout"]["site"] == "phantom-2" and summary["holdout"]["n"] == 16
+
     # the numbers are the run's own: Dice and bytes equal what the ServerApp wrote in its run directory
     fed_rec = next(r for r in records if r["variant"] == "fedavg")
-    summary = json.loads((tmp_path / "work" / "runs" / "fedavg-s0" / "summary.json").read_text())
     fed = data["methods"]["fedavg"]
     assert fed["bytes_total"] == summary["bytes_total"] > 1e6  # the model goes both ways
     assert fed["dice_test_mean"] == pytest.approx(summary["dice_test_mean"])

@@ -37,10 +37,10 @@ def _rows(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _run(link, tmp_path, **overrides):
+def _run(link, tmp_path, sites=2, **overrides):
     run_dir = tmp_path / "run"
     cfg = {**TINY, "run-dir": str(run_dir), **overrides}
-    out = flwr_run(link, REPO, cfg, num_supernodes=2)
+    out = flwr_run(link, REPO, cfg, num_supernodes=sites)
     assert out.status == "finished:completed", out.details + out.output[-4000:]
     return run_dir, _rows(run_dir), json.loads((run_dir / "summary.json").read_text())
 
@@ -49,7 +49,10 @@ def test_logits_mode_with_generator_pool_and_two_architectures(link, tmp_path):
     run_dir, rows, summary = _run(
         link,
         tmp_path,
+        sites=3,
         **{
+            "holdout-site": "phantom-2",
+            "holdout-epochs": 1,
             "pool-source": "generator",
             "gen-steps": 3,
             "gen-batch-size": 4,
@@ -58,7 +61,8 @@ def test_logits_mode_with_generator_pool_and_two_architectures(link, tmp_path):
         },
     )
     assert summary["exchange"] == "logits" and summary["fm"] == "litemedsam"
-    assert summary["site_models"] == {"phantom-0": "unet", "phantom-1": "segresnet"}
+    # the held-out site deploys the default model, bootstrapped after the rounds
+    assert summary["site_models"] == {"phantom-0": "unet", "phantom-1": "segresnet", "phantom-2": "unet"}
     assert summary["fm_params"] > 5_000_000
     assert all(p < 1_000_000 for p in summary["site_model_params"].values())
     assert set(summary["pool"]["generators"]) == {"phantom-0", "phantom-1"}
@@ -74,12 +78,21 @@ def test_logits_mode_with_generator_pool_and_two_architectures(link, tmp_path):
         assert all(v["up"] < 20_000 for v in r["bytes_per_site"].values()), r["bytes_per_site"]
         assert r["bytes_down"] > 0 and r["dice_mean"] is not None
     assert (run_dir / "checkpoints" / "fm_decoder_final.pt").is_file()
+    # the held-out site never trained a generator or a round; it bootstrapped from pool + FM
+    hold = summary["holdout"]
+    assert hold["site"] == "phantom-2" and hold["bootstrap"]["status"] == "trained"
+    assert 0 <= hold["dice"] <= 1 and hold["n"] == 16
+    assert all("phantom-2" not in r["sites"] for r in rows)
 
 
 @pytest.mark.parametrize("exchange", ["weights", "hybrid"])
 def test_weight_exchanging_modes(link, tmp_path, exchange):
-    run_dir, rows, summary = _run(link, tmp_path, **{"exchange": exchange, "pool-source": "phantoms"})
+    run_dir, rows, summary = _run(
+        link, tmp_path, **{"exchange": exchange, "pool-source": "phantoms", "evaluate-every": 2}
+    )
     assert summary["exchange"] == exchange
+    assert rows[1]["sites"] == {} and rows[1]["dice_mean"] is None  # validation every 2nd round
+    assert set(rows[2]["sites"]) == {"phantom-0", "phantom-1"}
     for r in rows[1:]:
         assert all(v["up"] > 100_000 for v in r["bytes_per_site"].values())  # weights go up
     assert (run_dir / "checkpoints" / "global_final.pt").is_file()

@@ -122,6 +122,36 @@ def test_bad_pool_is_rejected(task_identity, ctx):
     assert rep.has_error() and "uint8" in rep.error.reason
     rep = app(_train_msg([0], pool=(images, masks * 7)), ctx())
     assert rep.has_error() and "masks" in rep.error.reason
+    rep = app(_train_msg([0], pool=(images[..., :20], masks[..., :20])), ctx())
+    assert rep.has_error() and "(N,3,S,S)" in rep.error.reason and "20" in rep.error.reason
+
+
+def test_pool_sent_at_generator_size_is_trained_on_at_image_size(task_identity, ctx, monkeypatch):
+    """A generator pool travels at gen-size (4x fewer bytes than at image-size); the site resizes it
+    with the server's own function, caches it as it came, and trains at image-size."""
+    from client_app.state import SiteStore
+    from client_app.trainer import SiteTrainer
+    from common.transforms import resize_pairs
+
+    seen = []
+    real = SiteTrainer.train_with_distillation
+
+    def spy(self, settings, images, masks, *a, **kw):
+        seen.append((images.copy(), masks.copy()))
+        return real(self, settings, images, masks, *a, **kw)
+
+    monkeypatch.setattr(SiteTrainer, "train_with_distillation", spy)
+    small = phantom_site(50, 6, 16)
+    rep = app(_train_msg([0, 3], pool=(small.images, small.masks), pool_id="g16"), ctx())
+    assert not rep.has_error(), rep.error.reason if rep.has_error() else ""
+    images, masks = seen[0]
+    assert images.shape == (2, 3, 32, 32) and masks.shape == (2, 1, 32, 32)
+    want_i, want_m = resize_pairs(small.images[[0, 3]], small.masks[[0, 3]], 32)
+    np.testing.assert_array_equal(images, want_i)
+    np.testing.assert_array_equal(masks, want_m)
+    store = SiteStore(str(ctx().node_config["state-dir"]), 11, "phantom-0")
+    cached_images, _ = store.load_pool("g16")
+    assert cached_images.shape[-1] == 16  # cached as it travelled
 
 
 def test_weights_mode_returns_weights_and_no_probs(task_identity, ctx):

@@ -45,29 +45,6 @@ def _assert_complete_run_dir(run_dir, rounds, sites):
     return rows, summary
 
 
-def test_simulation_on_phantoms(link, tmp_path):
-    run_dir = tmp_path / "run"
-    out = flwr_run(
-        link,
-        REPO,
-        {
-            "method": "fedavg",
-            "num-rounds": 2,
-            "image-size": 32,
-            "phantom-images-per-site": 16,
-            "local-epochs": 1,
-            "batch-size": 4,
-            "run-dir": str(run_dir),
-            "holdout-site": "phantom-2",
-        },
-        num_supernodes=3,
-    )
-    assert out.status == "finished:completed", out.details + out.output[-3000:]
-    assert f"DSFedMed run directory: {run_dir}" in out.output
-    rows, summary = _assert_complete_run_dir(run_dir, 2, ["phantom-0", "phantom-1"])
-    assert summary["holdout"]["site"] == "phantom-2" and summary["holdout"]["n"] == 16
-
-
 def test_bad_run_config_fails_the_run_with_the_key_named(link, tmp_path):
     out = flwr_run(link, REPO, {"num-rounds": 0, "run-dir": str(tmp_path / "r")}, num_supernodes=2)
     assert not (tmp_path / "r").exists()  # refused before anything was written

@@ -19,6 +19,26 @@ def test_phantom_pool_save_load_and_id(tmp_path):
     assert contact_sheet(pool, tmp_path / "p.png").stat().st_size > 2_000
 
 
+def test_generator_pool_is_made_and_kept_at_generator_size():
+    """The pool is stored and sent at gen-size; resize_pairs brings it to image-size on both ends."""
+    from common.generator import GeneratorConfig, build_unet
+    from common.transforms import resize_pairs
+    from server_app.synthesis import generator_pool
+
+    cfg = GeneratorConfig(size=16, widths=(8, 16), norm_groups=4, sample_steps=2)
+    state = {k: v.detach().numpy() for k, v in build_unet(cfg).state_dict().items()}
+    stats = {"mask_log_fg_mean": -2.0, "mask_log_fg_std": 0.3}
+    pool = generator_pool({"a": (state, stats), "b": (state, stats)}, cfg, 5, seed=0)
+    assert pool.images.shape == (5, 3, 16, 16) and pool.masks.shape == (5, 1, 16, 16)
+    assert pool.sources == ["a", "a", "a", "b", "b"]
+    images, masks = resize_pairs(pool.images, pool.masks, 48)
+    assert images.shape == (5, 3, 48, 48) and images.dtype == np.uint8
+    assert set(np.unique(masks)) <= {0, 1}
+    # foreground keeps its share of the image, and a matching size is a no-op
+    np.testing.assert_allclose(masks.mean(), pool.masks.mean(), atol=0.05)
+    assert resize_pairs(images, masks, 48)[0] is images
+
+
 def test_folder_pool(tmp_path):
     write_phantom_site(tmp_path / "public", index=7, n=10, image_size=32)
     pool = folder_pool(str(tmp_path / "public"), 4, 32, seed=0)
