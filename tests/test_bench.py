@@ -100,3 +100,41 @@ def test_bar_counts_a_gap_only_beyond_the_seed_spread():
     assert not {b["claim"]: b for b in judge(methods)}[
         "dsfedmed-logits Dice >= fedavg + 2 points (test splits)"
     ]["met"]
+
+
+def test_generator_uploads_count_in_every_dsfedmed_run(tmp_path):
+    """DSFedMed runs reuse the pool stage's pool; its one-off generator exchange is their cost too."""
+    from bench.report import generator_bytes
+
+    stage = tmp_path / "pool-stage"
+    stage.mkdir()
+    rows = [
+        {"round": 0, "bytes_down": 1_000, "bytes_up": 9_001_000},
+        {"round": 1, "bytes_down": 5, "bytes_up": 5},
+    ]
+    (stage / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+    def run(variant, seed, round0):
+        return {"variant": variant, "seed": seed, "status": "completed", "curve": [{"bytes_cum": round0}]}
+
+    records = [
+        {"variant": "pool-stage", "seed": 0, "status": "completed", "run_dir": str(stage)},
+        {**run("dsfedmed-logits", 0, 2_000), "method": "dsfedmed-logits"},
+        {**run("dsfedmed-logits", 1, 2_000), "method": "dsfedmed-logits"},
+        {**run("fedavg", 0, 50_000), "method": "fedavg"},  # not a generator method: ignored
+    ]
+    assert generator_bytes(records) == pytest.approx(9_000_000)
+    assert generator_bytes(records[1:]) is None  # no pool stage, nothing to add
+
+    methods = {
+        "dsfedmed-logits": {
+            "bytes_total": 9.5e6,
+            "bytes_total_excluding_generators": 5e5,
+            "bytes_generators_one_off": 9e6,
+        },
+        "fedavg": {"bytes_total": 1e8},
+    }
+    claim = {b["claim"]: b for b in judge(methods)}["dsfedmed-logits traffic <= 10% of fedavg"]
+    assert claim["value"] == pytest.approx(0.095) and claim["value_excluding_generators"] == pytest.approx(
+        0.005
+    )
