@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from cli.bench import bench_app
+from cli.deploy import deploy_app
 
 app = typer.Typer(
     name="dsfedmed",
@@ -14,6 +15,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(bench_app, name="bench")
+app.add_typer(deploy_app, name="deploy")
 
 
 def main() -> None:

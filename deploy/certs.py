@@ -1,0 +1,246 @@
+"""Certificates and site keys for a real federation, made with ``cryptography`` (no shell scripts).
+
+Layout written by :func:`make_federation_keys` under one output folder::
+
+    ca/ca.key, ca/ca.crt                 private CA (the key stays at the coordinating site)
+    superlink/server.key, server.crt     SuperLink TLS certificate signed by the CA, with the SANs
+    superlink/ca.crt                     the CA certificate (what every client verifies against)
+    sites/<site>/node.key                ECDSA (NIST P-384) private key in OpenSSH format: the
+                                         SuperNode signs its requests with it; it never leaves the site
+    sites/<site>/node.pub                its public key: registered with the SuperLink
+                                         (``flwr supernode register``)
+    sites/<site>/ca.crt                  the CA certificate the SuperNode verifies the SuperLink with
+    manifest.json                        what was made, fingerprints, validity, SANs
+
+Private keys are written 0600 in 0700 folders. OSS Flower provides server TLS plus signed node
+requests (node authentication), not mutual TLS: sites need no certificate of their own.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class CertError(ValueError):
+    """Bad input for the certificate tool (names, SANs, an output folder that would be overwritten)."""
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    """What to make: SuperLink SANs (hostnames and IP addresses), sites, validity, CA name."""
+
+    sites: tuple[str, ...]
+    san_hosts: tuple[str, ...] = ("localhost",)
+    san_ips: tuple[str, ...] = ("127.0.0.1", "::1")
+    days: int = 365
+    ca_name: str = "DSFedMed federation CA"
+    server_name: str = "dsfedmed-superlink"
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.sites:
+            raise CertError("at least one site is needed")
+        for s in self.sites:
+            if not SITE_NAME.match(s):
+                raise CertError(
+                    f"site name {s!r}: use letters, digits, '.', '_' or '-' (at most 64, no path separators)"
+                )
+        if len(set(self.sites)) != len(self.sites):
+            raise CertError(f"site names repeat: {list(self.sites)}")
+        for ip in self.san_ips:
+            try:
+                ipaddress.ip_address(ip)
+            except ValueError as exc:
+                raise CertError(f"subject alternative name {ip!r} is not an IP address") from exc
+        if not self.san_hosts and not self.san_ips:
+            raise CertError("the SuperLink certificate needs at least one hostname or IP address")
+        if not 1 <= self.days <= 3650:
+            raise CertError(f"validity of {self.days} days: use 1 to 3650")
+
+
+def _private_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def _write(path: Path, data: bytes, private: bool) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    fd = os.open(path, flags, 0o600 if private else 0o644)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+
+
+def _fingerprint(cert: x509.Certificate) -> str:
+    return cert.fingerprint(hashes.SHA256()).hex(":")
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "DSFedMed federation"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def make_ca(name: str, days: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP384R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(name))
+        .issuer_name(_name(name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA384())
+    )
+    return key, cert
+
+
+def make_server_cert(
+    ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, spec: KeySpec
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP384R1())
+    now = dt.datetime.now(dt.UTC)
+    sans: list[x509.GeneralName] = [x509.DNSName(h) for h in spec.san_hosts]
+    sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in spec.san_ips]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(spec.server_name))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(min(now + dt.timedelta(days=spec.days), ca_cert.not_valid_after_utc))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA384())
+    )
+    return key, cert
+
+
+def make_site_key() -> tuple[bytes, bytes]:
+    """(private key, public key) in OpenSSH format on NIST P-384, as Flower's node auth expects."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return private, public + b"\n"
+
+
+def make_federation_keys(out: Path, spec: KeySpec, *, overwrite: bool = False) -> dict:
+    """Write the CA, the SuperLink certificate and one key pair per site under ``out``.
+
+    Refuses to touch an existing key set unless ``overwrite`` (a new CA invalidates every site's
+    trust, and new site keys must be registered again)."""
+    out = Path(out)
+    if (out / "manifest.json").exists() and not overwrite:
+        raise CertError(
+            f"{out} already holds a key set (manifest.json); pass --overwrite to replace it, or add "
+            "sites with 'dsfedmed deploy add-site'"
+        )
+    if overwrite:
+        for sub in ("ca", "superlink"):
+            for f in (out / sub).glob("*"):
+                f.unlink()
+        for site_dir in (out / "sites").glob("*"):
+            for f in site_dir.glob("*"):
+                f.unlink()
+    _private_dir(out)
+    ca_key, ca_cert = make_ca(spec.ca_name, spec.days)
+    srv_key, srv_cert = make_server_cert(ca_key, ca_cert, spec)
+    ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
+    pem_key = dict(
+        encoding=serialization.Encoding.PEM,
+        format=serialization.PrivateFormat.PKCS8,
+        encryption_algorithm=serialization.NoEncryption(),
+    )
+    ca_dir, srv_dir = _private_dir(out / "ca"), _private_dir(out / "superlink")
+    _write(ca_dir / "ca.key", ca_key.private_bytes(**pem_key), private=True)
+    _write(ca_dir / "ca.crt", ca_pem, private=False)
+    _write(srv_dir / "server.key", srv_key.private_bytes(**pem_key), private=True)
+    _write(srv_dir / "server.crt", srv_cert.public_bytes(serialization.Encoding.PEM), private=False)
+    _write(srv_dir / "ca.crt", ca_pem, private=False)
+    manifest = {
+        "ca": {"subject": spec.ca_name, "sha256": _fingerprint(ca_cert)},
+        "superlink": {
+            "sha256": _fingerprint(srv_cert),
+            "san_hosts": list(spec.san_hosts),
+            "san_ips": list(spec.san_ips),
+            "not_after": srv_cert.not_valid_after_utc.isoformat(),
+        },
+        "sites": {},
+    }
+    for site in spec.sites:
+        manifest["sites"][site] = add_site(out, site, ca_pem=ca_pem)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def add_site(out: Path, site: str, *, ca_pem: bytes | None = None) -> dict:
+    """One more site's key pair in an existing key set (the CA and SuperLink are untouched)."""
+    if not SITE_NAME.match(site):
+        raise CertError(f"site name {site!r}: use letters, digits, '.', '_' or '-'")
+    out = Path(out)
+    ca_pem = ca_pem if ca_pem is not None else (out / "ca" / "ca.crt").read_bytes()
+    site_dir = out / "sites" / site
+    if (site_dir / "node.key").exists():
+        raise CertError(f"site {site!r} already has a key in {site_dir}")
+    _private_dir(out / "sites")
+    _private_dir(site_dir)
+    private, public = make_site_key()
+    _write(site_dir / "node.key", private, private=True)
+    _write(site_dir / "node.pub", public, private=False)
+    _write(site_dir / "ca.crt", ca_pem, private=False)
+    entry = {"public_key": str(site_dir / "node.pub"), "ssh_fingerprint": _ssh_fingerprint(public)}
+    manifest_path = out / "manifest.json"
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        manifest.setdefault("sites", {})[site] = entry
+        manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+    return entry
+
+
+def _ssh_fingerprint(public: bytes) -> str:
+    import base64
+    import hashlib
+
+    blob = base64.b64decode(public.split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")

@@ -1,0 +1,87 @@
+"""Processes this project starts (SuperLink, SuperNodes): free ports, health waits, stop by PID.
+
+Every process is started in its own session, so stopping it by its PID (``os.killpg`` on its own
+process group) also stops what it started (SuperExec, ClientApp/ServerApp subprocesses) and
+nothing else: no process is ever looked up or stopped by name.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], log: Path, env: dict[str, str], cwd: Path | None = None) -> subprocess.Popen:
+    """Start ``cmd`` in its own session with stdout and stderr to ``log``."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as fh:
+        return subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def wait_healthy(
+    proc: subprocess.Popen, url: str, log: Path, *, verify: str | bool = True, timeout_s: float = 60
+) -> None:
+    """Poll ``url`` until it answers 2xx; fail with the log's tail if the process exits first."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:] if log.is_file() else ""
+            raise RuntimeError(f"{Path(proc.args[0]).name} exited with {proc.returncode}:\n{tail}")
+        try:
+            if httpx.get(url, timeout=0.5, verify=verify).is_success:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} did not answer within {timeout_s:.0f} s (log: {log})")
+        time.sleep(0.3)
+
+
+def stop_group(proc: subprocess.Popen, grace_s: float = 15) -> None:
+    """Stop a process and everything it started (its own session) by its PID."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # stragglers in the group (superexec, app processes)
+    except ProcessLookupError:
+        pass
+    if proc.poll() is None:
+        proc.wait(5)
+
+
+def flwr_base_env(flwr_home: Path) -> dict[str, str]:
+    """The environment for every Flower process we start: nothing phones home or installs."""
+    env = os.environ.copy()
+    env.update(
+        FLWR_HOME=str(flwr_home),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        OMP_WAIT_POLICY="PASSIVE",
+        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
+    return env

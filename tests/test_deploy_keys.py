@@ -1,0 +1,103 @@
+"""Certificates and site keys: what Flower needs, with safe permissions, and refusals that name the problem."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import stat
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key
+from flwr.cli.supernode.register import try_load_public_key
+from typer.testing import CliRunner
+
+from cli.main import app
+from deploy.certs import CertError, KeySpec, add_site, make_federation_keys
+
+
+def _mode(p):
+    return stat.S_IMODE(p.stat().st_mode)
+
+
+def test_key_set_layout_permissions_and_formats(tmp_path):
+    out = tmp_path / "keys"
+    spec = KeySpec(
+        sites=("C1", "C2"), san_hosts=("superlink.example.org", "localhost"), san_ips=("10.1.2.3",)
+    )
+    manifest = make_federation_keys(out, spec)
+
+    ca = x509.load_pem_x509_certificate((out / "ca" / "ca.crt").read_bytes())
+    srv = x509.load_pem_x509_certificate((out / "superlink" / "server.crt").read_bytes())
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    srv.verify_directly_issued_by(ca)  # signed by the private CA
+    sans = srv.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(sans.get_values_for_type(x509.DNSName)) == {"superlink.example.org", "localhost"}
+    assert sans.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.1.2.3")]
+    assert isinstance(
+        load_pem_private_key((out / "superlink" / "server.key").read_bytes(), None),
+        ec.EllipticCurvePrivateKey,
+    )
+
+    for site in ("C1", "C2"):
+        d = out / "sites" / site
+        assert _mode(d) == 0o700 and _mode(d / "node.key") == 0o600 and _mode(d / "node.pub") == 0o644
+        key = load_ssh_private_key((d / "node.key").read_bytes(), None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+        assert try_load_public_key(d / "node.pub")  # what `flwr supernode register` accepts
+        assert (d / "ca.crt").read_bytes() == (out / "ca" / "ca.crt").read_bytes()
+        assert not (d / "ca.key").exists()  # a site gets no CA key and no server key
+    assert _mode(out / "ca" / "ca.key") == 0o600 and _mode(out / "superlink" / "server.key") == 0o600
+    assert set(manifest["sites"]) == {"C1", "C2"}
+    assert json.loads((out / "manifest.json").read_text())["superlink"]["san_ips"] == ["10.1.2.3"]
+    # the two sites' keys differ
+    assert (out / "sites" / "C1" / "node.pub").read_bytes() != (
+        out / "sites" / "C2" / "node.pub"
+    ).read_bytes()
+
+
+def test_existing_key_set_is_kept_and_sites_can_be_added(tmp_path):
+    out = tmp_path / "keys"
+    make_federation_keys(out, KeySpec(sites=("a",)))
+    ca_before = (out / "ca" / "ca.crt").read_bytes()
+    with pytest.raises(CertError, match="already holds a key set"):
+        make_federation_keys(out, KeySpec(sites=("a",)))
+    add_site(out, "b")
+    assert (out / "ca" / "ca.crt").read_bytes() == ca_before
+    assert set(json.loads((out / "manifest.json").read_text())["sites"]) == {"a", "b"}
+    with pytest.raises(CertError, match="already has a key"):
+        add_site(out, "b")
+    make_federation_keys(out, KeySpec(sites=("a",)), overwrite=True)
+    assert (out / "ca" / "ca.crt").read_bytes() != ca_before
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"sites": ()}, "at least one site"),
+        ({"sites": ("../etc",)}, "no path separators"),
+        ({"sites": ("a", "a")}, "repeat"),
+        ({"sites": ("a",), "san_ips": ("not-an-ip",)}, "not an IP address"),
+        ({"sites": ("a",), "days": 0}, "validity"),
+    ],
+)
+def test_bad_key_specs_are_refused_with_the_reason(kwargs, needle):
+    with pytest.raises(CertError, match=needle):
+        KeySpec(**kwargs)
+
+
+def test_cli_makes_keys_and_names_bad_input(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "k"
+    res = runner.invoke(
+        app, ["deploy", "keys", "--out", str(out), "--site", "C1", "--site", "C2", "--san-ip", "192.168.7.2"]
+    )
+    assert res.exit_code == 0, res.output
+    assert (out / "sites" / "C2" / "node.key").is_file() and "192.168.7.2" in res.output
+    res = runner.invoke(app, ["deploy", "keys", "--out", str(out), "--site", "C1"])
+    assert res.exit_code != 0 and "already holds a key set" in res.output
+    res = runner.invoke(app, ["deploy", "add-site", "C3", "--keys", str(out)])
+    assert res.exit_code == 0 and (out / "sites" / "C3" / "node.pub").is_file()
+    res = runner.invoke(app, ["deploy", "register", "--keys", str(out), "--site", "nope"])
+    assert res.exit_code != 0 and "no key for site" in res.output
