@@ -11,10 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,13 +19,7 @@ from pathlib import Path
 
 import httpx
 
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from deploy.processes import BIN, free_port, stop_group  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -96,25 +87,6 @@ def simulation_superlink(flwr_home: Path, cwd: Path):
         yield SimulationLink(env, proc.pid, log)
     finally:
         stop_group(proc)
-
-
-def stop_group(proc: subprocess.Popen, grace_s: float = 15) -> None:
-    """Stop a process and everything it started (its own session) by its PID."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # stragglers in the group (superexec, simulation)
-    except ProcessLookupError:
-        pass
-    if proc.poll() is None:
-        proc.wait(5)
 
 
 @dataclass

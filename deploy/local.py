@@ -174,7 +174,7 @@ class LocalTrial:
         ]  # fmt: skip
         self.echo(f"SuperLink on https://{self.address} (TLS, node authentication), log {log}")
         self.procs["superlink"] = start(cmd, log, self.env, cwd=self.work)
-        wait_healthy(self.procs["superlink"], f"https://{self.address}/health", log, verify=str(ca))
+        wait_healthy(self.procs["superlink"], f"https://{self.address}/health", log, cafile=str(ca))
 
     def register(self, site: SiteSpec) -> int:
         pub = self.cfg.keys / "sites" / site.name / "node.pub"

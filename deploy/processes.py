@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -36,9 +37,11 @@ def start(cmd: list[str], log: Path, env: dict[str, str], cwd: Path | None = Non
 
 
 def wait_healthy(
-    proc: subprocess.Popen, url: str, log: Path, *, verify: str | bool = True, timeout_s: float = 60
+    proc: subprocess.Popen, url: str, log: Path, *, cafile: str | None = None, timeout_s: float = 60
 ) -> None:
-    """Poll ``url`` until it answers 2xx; fail with the log's tail if the process exits first."""
+    """Poll ``url`` until it answers 2xx (TLS verified against ``cafile`` when given); fail with the
+    log's tail if the process exits first."""
+    verify = ssl.create_default_context(cafile=cafile) if cafile else True
     deadline = time.monotonic() + timeout_s
     while True:
         if proc.poll() is not None:

@@ -159,6 +159,7 @@ class DeadlineFedAvg(FedAvg):
         if arrays is not None:
             record[P.KEY_ARRAYS] = arrays
         live = set(self.fed.grid.get_node_ids())
+        self.fed.mark_absent(n for n in nodes if n not in live)
         msgs = [self.fed.make(n, P.MSG_EVALUATE, record, server_round) for n in nodes if n in live]
         return self.fed.send(msgs, self.cfg.round_timeout_s)
 
@@ -302,6 +303,7 @@ class DeadlineFedAvg(FedAvg):
         if train_ex is not None:
             errors.update({s: r for s, r in train_ex.errors.items()})
             timeouts = sorted(set(timeouts) | set(train_ex.timeouts))
+        absent = self.fed.take_absent()
         row = {
             "round": rnd,
             "sites": sites,
@@ -312,7 +314,9 @@ class DeadlineFedAvg(FedAvg):
             "bytes_per_site": per_site,
             "seconds": time.time() - t0,
             "errors": errors,
-            "dropped": timeouts,
+            # sites of the roster that took no part: no answer in time, or gone before they were asked
+            "dropped": sorted(set(timeouts) | set(absent)),
+            "absent": absent,
             **(extra or {}),
         }
         self.rundir.append_metrics(row)

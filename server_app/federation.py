@@ -60,6 +60,7 @@ class Federation:
         self.poll_s = poll_s
         self.sites: dict[int, str] = {}  # node id -> site name, set after profiling
         self.traffic = Traffic()
+        self._absent: set[str] = set()  # roster sites not connected when they were wanted
 
     def name_site(self, node_id: int, name: str) -> None:
         """Record a node's site name; traffic booked under its node id moves to the name."""
@@ -93,6 +94,7 @@ class Federation:
             now = time.monotonic()
             if now >= t_end:
                 if len(nodes) >= min_nodes:
+                    self.mark_absent((wanted or set()) - set(nodes))
                     return nodes
                 raise FederationStopped(
                     f"only {len(nodes)} site(s) connected after waiting {deadline_s:.0f} s; "
@@ -102,6 +104,16 @@ class Federation:
                 log.info("waiting for sites: %d/%d connected", len(nodes), max(total, min_nodes))
                 last_log = now
             time.sleep(self.poll_s)
+
+    def mark_absent(self, node_ids: Iterable[int]) -> None:
+        """Book roster sites that were not connected when a round wanted them (a site that went
+        away between rounds is never sent a message, so it cannot time out)."""
+        self._absent.update(self.site_of(n) for n in node_ids)
+
+    def take_absent(self) -> list[str]:
+        """The sites booked absent since the last call (one metrics row's worth)."""
+        out, self._absent = sorted(self._absent), set()
+        return out
 
     def make(self, node_id: int, mtype: str, content: RecordDict, round_id: int = 0) -> Message:
         return Message(content, dst_node_id=node_id, message_type=mtype, group_id=str(round_id))

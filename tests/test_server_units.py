@@ -44,7 +44,10 @@ def test_sampling_gives_up_at_deadline_with_reason():
 def test_roster_waits_for_all_known_then_goes_on_with_enough():
     fed = Federation(FakeGrid([(0, [1, 2, 5])]), poll_s=0.05)
     # node 3 of the roster is gone: after the deadline, 1 and 2 are enough
+    fed.name_site(3, "C3")
     assert fed.wait_for_nodes(2, deadline_s=0.3, among=[1, 2, 3]) == [1, 2]
+    # the missing roster site is booked for the round's metrics row, once
+    assert fed.take_absent() == ["C3"] and fed.take_absent() == []
 
 
 def test_message_bytes_follow_payload(task_identity):
