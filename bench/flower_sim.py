@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-from deploy.processes import BIN, free_port, stop_group  # noqa: F401 (re-exported)
+from deploy.processes import BIN, free_port, stop_group, toml_value  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -100,7 +100,7 @@ class RunOutcome:
 def flwr_run(
     link: SimulationLink, app_dir: Path, run_config: dict, num_supernodes: int, timeout_s: float = 900
 ) -> RunOutcome:
-    overrides = " ".join(f"{k}={_toml(v)}" for k, v in run_config.items())
+    overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
     cmd = [
         str(BIN / "flwr"),
         "run",
@@ -136,11 +136,3 @@ def run_status(link: SimulationLink, run_id: str, wait_s: float = 60) -> tuple[s
         if run["status"].startswith("finished") or time.monotonic() > deadline:
             return run["status"], run.get("status-details", "")
         time.sleep(1)
-
-
-def _toml(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return json.dumps(v)
-    return str(v)

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deploy.certs import SITE_NAME, KeySpec, add_site, make_federation_keys
 from deploy.probe import probe_superlink
-from deploy.processes import BIN, flwr_base_env, free_port, start, stop_group, wait_healthy
+from deploy.processes import BIN, flwr_base_env, free_port, start, stop_group, toml_value, wait_healthy
 
 REPO = Path(__file__).resolve().parents[1]
 CONNECTION = "dsfedmed-trial"
@@ -69,7 +69,7 @@ class SiteSpec(BaseModel):
             items["phantom-id"] = self.phantom_id
         if self.model:
             items["model"] = self.model
-        return " ".join(f"{k}={_toml(v)}" for k, v in items.items())
+        return " ".join(f"{k}={toml_value(v)}" for k, v in items.items())
 
 
 class TrialConfig(BaseModel):
@@ -234,7 +234,7 @@ class LocalTrial:
         }
         cfg.setdefault("run-dir", str(run_dir))
         run_dir = Path(cfg["run-dir"])
-        overrides = " ".join(f"{k}={_toml(v)}" for k, v in cfg.items())
+        overrides = " ".join(f"{k}={toml_value(v)}" for k, v in cfg.items())
         cmd = [
             str(BIN / "flwr"),
             "run",
@@ -312,11 +312,3 @@ class LocalTrial:
 
 def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
-
-
-def _toml(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return json.dumps(v)
-    return str(v)

@@ -7,6 +7,7 @@ nothing else: no process is ever looked up or stopped by name.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -88,3 +89,12 @@ def flwr_base_env(flwr_home: Path) -> dict[str, str]:
         PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     )
     return env
+
+
+def toml_value(v) -> str:
+    """A Python value as a TOML literal for ``--run-config``/``--node-config`` overrides."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v)
+    return str(v)
