@@ -155,8 +155,6 @@ PROFILES: dict[str, Profile] = {
             Variant(
                 "no-selection", "dsfedmed-logits", {"selection-rule": "all"}, note="every sample, every round"
             ),
-            Variant("temperature-2", "dsfedmed-logits", {"temperature": 2.0}, seeds=(0,)),
-            Variant("kd-weight-0.5", "dsfedmed-logits", {"sup-weight": 0.5, "kd-weight": 0.5}, seeds=(0,)),
         ),
         run_timeout_s=1800.0,
     ),
