@@ -200,7 +200,8 @@ def local(
 
 def _print_result(res) -> None:
     colour = "green" if res.completed else "red"
-    console.print(f"run {res.run_id}: [{colour}]{res.status}[/] {res.details}".rstrip())
+    details = "" if res.details in ("", "N/A") else f" {res.details}"
+    console.print(f"run {res.run_id}: [{colour}]{res.status}[/]{details}")
     summary = res.run_dir / "summary.json"
     if summary.is_file():
         s = json.loads(summary.read_text())

@@ -126,6 +126,7 @@ class LocalTrial:
 
     def __post_init__(self) -> None:
         self.work = self.cfg.work_dir.resolve()
+        self.keys = self.cfg.keys.expanduser().resolve()  # processes start in other directories
         self.logs = self.work / "logs"
         self.flwr_home = self.work / "flwr-home"
         self.port = self.cfg.port or free_port()
@@ -134,7 +135,7 @@ class LocalTrial:
 
     # --- set-up ------------------------------------------------------------------------------
     def ensure_keys(self) -> Path:
-        keys, names = self.cfg.keys, [s.name for s in self.cfg.sites]
+        keys, names = self.keys, [s.name for s in self.cfg.sites]
         if not (keys / "manifest.json").is_file():
             self.echo(f"making a CA, a SuperLink certificate and {len(names)} site keys in {keys}")
             make_federation_keys(
@@ -177,7 +178,7 @@ class LocalTrial:
         wait_healthy(self.procs["superlink"], f"https://{self.address}/health", log, cafile=str(ca))
 
     def register(self, site: SiteSpec) -> int:
-        pub = self.cfg.keys / "sites" / site.name / "node.pub"
+        pub = self.keys / "sites" / site.name / "node.pub"
         res = self.flwr(
             "supernode", "register", str(pub), CONNECTION, "--name", site.name, "--format", "json"
         )
@@ -189,7 +190,7 @@ class LocalTrial:
         return node_id
 
     def start_supernode(self, site: SiteSpec) -> None:
-        keys = self.cfg.keys
+        keys = self.keys
         probe = probe_superlink(self.address, keys / "sites" / site.name / "ca.crt")
         if not probe.ok:
             raise TrialError(f"site {site.name}: {probe.message}")

@@ -60,7 +60,13 @@ def test_tls_trial_with_node_auth_refused_rogue_and_a_site_killed_mid_run(tmp_pa
         sites=_sites(3, rogue=rogue),
         work_dir=tmp_path / "trial",
         keys_dir=keys,
-        run_config={**TINY, "num-rounds": 3, "min-sites": 2, "round-timeout-s": 90, "sampling-deadline-s": 30},
+        run_config={
+            **TINY,
+            "num-rounds": 3,
+            "min-sites": 2,
+            "round-timeout-s": 90,
+            "sampling-deadline-s": 30,
+        },
         timeout_s=900,
     )
     run_dir = tmp_path / "trial" / "run"

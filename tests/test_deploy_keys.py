@@ -101,3 +101,25 @@ def test_cli_makes_keys_and_names_bad_input(tmp_path):
     assert res.exit_code == 0 and (out / "sites" / "C3" / "node.pub").is_file()
     res = runner.invoke(app, ["deploy", "register", "--keys", str(out), "--site", "nope"])
     assert res.exit_code != 0 and "no key for site" in res.output
+
+
+def test_trial_config_names_bad_sites_and_resolves_paths(tmp_path, monkeypatch):
+    from pydantic import ValidationError
+
+    from deploy.local import LocalTrial, SiteSpec, TrialConfig
+
+    with pytest.raises(ValidationError, match="exactly one of data_dir and phantom_id"):
+        SiteSpec(name="C1")
+    with pytest.raises(ValidationError, match="does not exist"):
+        SiteSpec(name="C1", data_dir=str(tmp_path / "nowhere"))
+    with pytest.raises(ValidationError, match="repeat"):
+        TrialConfig(
+            sites=[SiteSpec(name="a", phantom_id=0), SiteSpec(name="a", phantom_id=1)], work_dir=tmp_path
+        )
+    monkeypatch.chdir(tmp_path)  # relative folders work although the processes start elsewhere
+    trial = LocalTrial(TrialConfig(sites=[SiteSpec(name="a", phantom_id=0)], work_dir="runs/t"))
+    assert trial.keys == tmp_path / "runs" / "t" / "keys" and trial.work.is_absolute()
+    spec = SiteSpec(name="C1", data_dir=str(tmp_path), model="segresnet")
+    assert f'data-dir="{tmp_path}"' in spec.node_config(
+        tmp_path / "state"
+    ) and 'model="segresnet"' in spec.node_config(tmp_path)
