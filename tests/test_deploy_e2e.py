@@ -115,10 +115,17 @@ def test_tls_trial_with_node_auth_refused_rogue_and_a_site_killed_mid_run(tmp_pa
     assert (run_dir / "pool.png").is_file() and (run_dir / "dice.png").is_file()
 
 
-def test_plaintext_client_against_the_tls_superlink_fails_clearly(tmp_path, keys):
+def test_plaintext_client_against_the_tls_superlink_fails_clearly(tmp_path, keys, monkeypatch):
     cfg = TrialConfig(sites=_sites(1), work_dir=tmp_path / "trial", keys_dir=keys)
     with LocalTrial(cfg, echo=lambda m: None) as trial:
         trial.start_superlink()
+        # `dsfedmed deploy register` against the real SuperLink, through the trial's connection
+        monkeypatch.setenv("FLWR_HOME", str(trial.flwr_home))
+        reg = CliRunner().invoke(
+            app,
+            ["deploy", "register", "--keys", str(keys), "--superlink", "dsfedmed-trial", "--site", "site-0"],
+        )
+        assert reg.exit_code == 0 and "site site-0: registered as node" in reg.output, reg.output
         res = CliRunner().invoke(app, ["deploy", "check", "--superlink", trial.address])
         assert res.exit_code == 2 and "requires TLS" in res.output and "--root-certificates" in res.output
         ok = CliRunner().invoke(
