@@ -26,35 +26,48 @@ def inference_ms(model: torch.nn.Module, image_size: int, repeats: int, warmup: 
     return float(statistics.median(times))
 
 
-def _group_rss_kb(pgid: int | None, pid: int | None = None) -> int:
-    """Summed resident memory of every process in process group ``pgid`` (or of ``pid`` alone)."""
-    total = 0
-    entries = [Path(f"/proc/{pid}")] if pid is not None else Path("/proc").iterdir()
-    for entry in entries:
+def _rss_kb(entry: Path) -> int:
+    for line in (entry / "status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0  # a kernel thread or a zombie
+
+
+def tree_rss_kb(root: int) -> int:
+    """Summed resident memory of ``root`` and all its descendants, found through the parent ids in
+    /proc. (A process group is not enough: Flower's SuperExec starts its own session, and the
+    simulation, Ray and the ClientApp actors live under it.)"""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
-            fields = stat[stat.rindex(")") + 2 :].split()
-            if pid is None and int(fields[2]) != pgid:  # field 5 of /proc/PID/stat: process group
-                continue
-            for line in (entry / "status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-                    break
+            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])  # field 4 of /proc/PID/stat
         except (OSError, ValueError, IndexError):
             continue  # the process ended while we looked
+        children.setdefault(ppid, []).append(int(entry.name))
+    total, todo, seen = 0, [root], set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        try:
+            total += _rss_kb(Path(f"/proc/{pid}"))
+        except (OSError, ValueError):
+            continue
+        todo.extend(children.get(pid, []))
     return total
 
 
 class PeakMemory:
-    """Samples the summed RSS of a process group (the SuperLink and everything it started: the
-    ServerApp and the simulated sites) every ``every_s`` seconds; ``peak_mb`` is the maximum.
-    Without ``pgid`` it samples this process alone (the in-process baselines)."""
+    """Samples the summed RSS of a process tree (the SuperLink and everything it started: SuperExec,
+    the ServerApp, Ray and the simulated sites) every ``every_s`` seconds; ``peak_mb`` is the
+    maximum. Without ``root`` it samples this process (the in-process baselines)."""
 
-    def __init__(self, pgid: int | None = None, every_s: float = 0.5):
-        self.pgid = pgid
-        self.pid = None if pgid is not None else os.getpid()
+    def __init__(self, root: int | None = None, every_s: float = 0.5):
+        self.root = root if root is not None else os.getpid()
         self.every_s = every_s
         self.peak_kb = 0
         self._stop = threading.Event()
@@ -62,7 +75,7 @@ class PeakMemory:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak_kb = max(self.peak_kb, _group_rss_kb(self.pgid, self.pid))
+            self.peak_kb = max(self.peak_kb, tree_rss_kb(self.root))
             self._stop.wait(self.every_s)
 
     def __enter__(self) -> PeakMemory:
@@ -72,7 +85,7 @@ class PeakMemory:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak_kb = max(self.peak_kb, _group_rss_kb(self.pgid, self.pid))
+        self.peak_kb = max(self.peak_kb, tree_rss_kb(self.root))
 
     @property
     def peak_mb(self) -> float:

@@ -110,7 +110,12 @@ def aggregate(profile: Profile, records: list[dict], timing: dict, split_sizes: 
         entry["fm_infer_ms"] = timing["fm_infer_ms"] if v.method in FM_METHODS else None
         entry["seconds_total"], entry["seconds_total_std"] = _stats([r["seconds_total"] for r in recs])
         entry["server_seconds_per_round"], _ = _stats([r["server_seconds_per_round"] for r in recs])
-        entry["peak_rss_mb"] = float(max(r["peak_rss_mb"] for r in recs))
+        if v.kind == "flower" and any(r.get("peak_rss_scope") != "process tree" for r in recs):
+            # measured before the process-tree fix: the SuperLink alone, not the sites; not reported
+            entry["peak_rss_mb"] = None
+            entry["peak_rss_note"] = "not measured: these runs summed the SuperLink's process group only"
+        else:
+            entry["peak_rss_mb"] = float(max(r["peak_rss_mb"] for r in recs))
         entry["rounds"], entry["n_sites"] = rounds, n_sites
         # the mean curve over seeds: validation Dice and cumulative bytes per round
         n_r = min(len(r["curve"]) for r in recs)
@@ -261,7 +266,7 @@ def markdown(res: dict, plots: dict[str, str]) -> str:
             )
             + f" | {m['bytes_per_round_per_site'] / 1e3:.1f} "
             f"| {m['site_infer_ms']:.1f} | {fm_ms} "
-            f"| {m['seconds_total']:.0f} | {m['peak_rss_mb']:.0f} |"
+            f"| {m['seconds_total']:.0f} | {'n/a' if m['peak_rss_mb'] is None else format(m['peak_rss_mb'], '.0f')} |"
         )
     sites = sorted({s for m in res["methods"].values() for s in m.get("dice_test_per_site", {})})
     if sites:
@@ -303,6 +308,8 @@ def markdown(res: dict, plots: dict[str, str]) -> str:
             bits.append(f"overrides {m['overrides']}")
         if m.get("holdout_note"):
             bits.append(f"held-out: {m['holdout_note']}")
+        if m.get("peak_rss_note"):
+            bits.append(f"peak memory {m['peak_rss_note']}")
         if m.get("failures"):
             bits.append(f"failed runs: {m['failures']}")
         lines.append(f"- **{name}**: " + "; ".join(b for b in bits if b))

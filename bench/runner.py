@@ -50,7 +50,13 @@ def measure_inference(profile: Profile, fm_repeats: int = 5, site_repeats: int =
 
 
 def _flower_record(run_dir: Path, wall: float, peak_mb: float, status: str, details: str) -> dict:
-    rec: dict = {"status": status, "details": details, "seconds_total": wall, "peak_rss_mb": peak_mb}
+    rec: dict = {
+        "status": status,
+        "details": details,
+        "seconds_total": wall,
+        "peak_rss_mb": peak_mb,
+        "peak_rss_scope": "process tree",  # records without it summed one process group only
+    }
     summary_path = run_dir / "summary.json"
     if not status.endswith("completed") or not summary_path.is_file():
         return rec

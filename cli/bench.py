@@ -13,6 +13,7 @@ from rich.table import Table
 
 from bench.data import REPO, default_polypgen_root
 from bench.profiles import PROFILES
+from deploy.processes import stop_children_on_sigterm
 
 bench_app = typer.Typer(
     help="Benchmark DSFedMed against its baselines (README: Benchmark).", no_args_is_help=True
@@ -93,7 +94,8 @@ def run(
         log=lambda m: console.print(f"[bold cyan]bench[/] {m}"),
         only=set(filter(None, only.split(","))) or None,
     )
-    records = runner.run()
+    with stop_children_on_sigterm():  # a stopped bench stops its SuperLink and sites by PID
+        records = runner.run()
     console.print("[bold cyan]bench[/] measuring inference time (batch 1, CPU)")
     timing = measure_inference(p)
     res = aggregate(p, records, timing, runner.split_sizes)

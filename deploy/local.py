@@ -19,9 +19,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import signal
 import subprocess
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +30,16 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deploy.certs import SITE_NAME, KeySpec, add_site, make_federation_keys
 from deploy.probe import probe_superlink
-from deploy.processes import BIN, flwr_base_env, free_port, start, stop_group, toml_value, wait_healthy
+from deploy.processes import (
+    BIN,
+    flwr_base_env,
+    free_port,
+    start,
+    stop_children_on_sigterm,
+    stop_group,
+    toml_value,
+    wait_healthy,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CONNECTION = "dsfedmed-trial"
@@ -297,19 +304,12 @@ class LocalTrial:
         self.procs.clear()
 
     def __enter__(self) -> LocalTrial:
-        self._old_term = None
-        if threading.current_thread() is threading.main_thread():
-            self._old_term = signal.getsignal(signal.SIGTERM)
-            signal.signal(signal.SIGTERM, _raise_interrupt)  # a stopped launcher stops its processes
+        self._guard = stop_children_on_sigterm()  # a stopped launcher stops its processes
+        self._guard.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         try:
             self.stop()
         finally:
-            if self._old_term is not None:
-                signal.signal(signal.SIGTERM, self._old_term)
-
-
-def _raise_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+            self._guard.__exit__(None, None, None)

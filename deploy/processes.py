@@ -14,7 +14,9 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -98,3 +100,24 @@ def toml_value(v) -> str:
     if isinstance(v, str):
         return json.dumps(v)
     return str(v)
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextmanager
+def stop_children_on_sigterm():
+    """Within this block SIGTERM (and SIGINT, which a shell ignores in background jobs) raise
+    KeyboardInterrupt, so the ``finally``/``with`` blocks that stop our processes by PID run."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    for s in old:
+        signal.signal(s, _raise_interrupt)
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
