@@ -9,7 +9,6 @@ its PID and stop its whole process group afterwards.  A run counts as passed onl
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import time
@@ -17,9 +16,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
-from deploy.processes import BIN, free_port, stop_group, toml_value  # noqa: F401 (re-exported)
+from deploy.processes import (  # noqa: F401 (free_port, stop_group re-exported)
+    BIN,
+    flwr_base_env,
+    free_port,
+    start,
+    stop_group,
+    toml_value,
+    wait_healthy,
+)
 
 
 @dataclass
@@ -30,17 +35,11 @@ class SimulationLink:
 
 
 def flwr_env(flwr_home: Path, http_port: int, control_port: int) -> dict[str, str]:
-    env = os.environ.copy()
+    env = flwr_base_env(flwr_home)
     env.update(
-        FLWR_HOME=str(flwr_home),
-        FLWR_TELEMETRY_ENABLED="0",
-        FLWR_DISABLE_UPDATE_CHECK="1",
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
         FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(http_port),
         FLWR_LOCAL_CONTROL_API_PORT=str(control_port),
-        OMP_WAIT_POLICY="PASSIVE",
         RAY_DEDUP_LOGS="0",
-        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     )
     return env
 
@@ -67,23 +66,9 @@ def simulation_superlink(flwr_home: Path, cwd: Path):
         "--database",
         str(runtime / "state.db"),
     ]
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(
-            cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    proc = start(cmd, log, env, cwd=cwd)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"SuperLink exited with {proc.returncode}: {log.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=0.5).is_success:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("SuperLink did not become healthy within 60 s")
-            time.sleep(0.3)
+        wait_healthy(proc, f"http://127.0.0.1:{http_port}/health", log)
         yield SimulationLink(env, proc.pid, log)
     finally:
         stop_group(proc)

@@ -26,20 +26,18 @@ def _stats(vals: list) -> tuple[float | None, float | None]:
     return float(np.mean(v)), (float(np.std(v, ddof=1)) if len(v) > 1 else None)
 
 
-def generator_bytes(records: list[dict]) -> float | None:
+def generator_bytes(records: list[dict], gen_variants: set[str]) -> float | None:
     """The one-off generator exchange (every site uploads its diffusion generator) that every
     DSFedMed run of a profile shares through the reused pool: the pool stage's round-0 traffic
     minus a reusing DSFedMed run's round 0 (both also hold profiling and the round-0 evaluation)."""
     pool = next((r for r in records if r.get("variant") == "pool-stage"), None)
     if pool is None:
         return None
-    if pool.get("bytes_generators") is not None:
-        return float(pool["bytes_generators"])
     metrics = Path(pool.get("run_dir", "")) / "metrics.jsonl"
     reusing = [
         r["curve"][0]["bytes_cum"]
         for r in records
-        if r["status"] == "completed" and r.get("method") in GEN_METHODS and r.get("curve")
+        if r["status"] == "completed" and r.get("variant") in gen_variants and r.get("curve")
     ]
     if not metrics.is_file() or not reusing:
         return None
@@ -49,10 +47,7 @@ def generator_bytes(records: list[dict]) -> float | None:
 
 def aggregate(profile: Profile, records: list[dict], timing: dict, split_sizes: dict | None) -> dict:
     variants = {v.name: v for v in profile.variants()}
-    for r in records:  # which method a variant (an ablation) runs
-        if r.get("variant") in variants:
-            r["method"] = variants[r["variant"]].method
-    gen_bytes = generator_bytes(records)
+    gen_bytes = generator_bytes(records, {n for n, v in variants.items() if v.method in GEN_METHODS})
     methods: dict[str, dict] = {}
     for name, v in variants.items():
         recs = [r for r in records if r.get("variant") == name and r["status"] == "completed"]

@@ -4,7 +4,6 @@ one-command local multi-site trial (docs/deploy.md)."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 from typing import Annotated
 
@@ -13,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from deploy.certs import CertError, KeySpec, add_site, make_federation_keys
-from deploy.processes import BIN
+from deploy.processes import register_node_key
 
 deploy_app = typer.Typer(
     help="Deploy across real sites: keys, registration, checks, local trial (docs/deploy.md).",
@@ -66,7 +65,7 @@ def keys(
     console.print(t)
     console.print(
         f"SuperLink names: {', '.join(san_host + san_ip)}; valid until {manifest['superlink']['not_after']}. "
-        f"Register the sites with: dsfedmed deploy register --keys {out} --superlink <address>"
+        f"Register the sites with: dsfedmed deploy register --keys {out} --superlink <connection> (docs/deploy.md, step 4)"
     )
 
 
@@ -102,15 +101,12 @@ def register(
         raise _fail(f"no key for site(s) {sorted(unknown)}; known: {sorted(sites)}")
     failed = []
     for name in site or sorted(sites):
-        cmd = [str(BIN / "flwr"), "supernode", "register", str(keys_dir / "sites" / name / "node.pub")]
-        cmd += [superlink] if superlink else []
-        res = subprocess.run([*cmd, "--name", name, "--format", "json"], capture_output=True, text=True)
         try:
-            node_id = json.loads(res.stdout)["node-id"]
+            node_id = register_node_key(keys_dir / "sites" / name / "node.pub", name, superlink)
             console.print(f"site {name}: registered as node {node_id}")
-        except (ValueError, KeyError):
+        except RuntimeError as exc:
             failed.append(name)
-            console.print(f"[red]site {name}: not registered[/]\n{res.stdout}{res.stderr}")
+            console.print(f"[red]site {name}: not registered[/]\n{exc}")
     if failed:
         raise typer.Exit(1)
 

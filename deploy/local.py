@@ -34,6 +34,7 @@ from deploy.processes import (
     BIN,
     flwr_base_env,
     free_port,
+    register_node_key,
     start,
     stop_children_on_sigterm,
     stop_group,
@@ -186,13 +187,10 @@ class LocalTrial:
 
     def register(self, site: SiteSpec) -> int:
         pub = self.keys / "sites" / site.name / "node.pub"
-        res = self.flwr(
-            "supernode", "register", str(pub), CONNECTION, "--name", site.name, "--format", "json"
-        )
         try:
-            node_id = int(json.loads(res.stdout)["node-id"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise TrialError(f"registering {site.name}'s key failed:\n{res.stdout}{res.stderr}") from exc
+            node_id = register_node_key(pub, site.name, CONNECTION, self.env)
+        except RuntimeError as exc:
+            raise TrialError(str(exc)) from exc
         self.node_ids[site.name] = node_id
         return node_id
 

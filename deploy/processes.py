@@ -121,3 +121,16 @@ def stop_children_on_sigterm():
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def register_node_key(public_key: Path, name: str, connection: str = "", env: dict | None = None) -> int:
+    """``flwr supernode register`` one site's public key; returns the SuperLink's node id, or raises
+    RuntimeError with Flower's own output."""
+    cmd = [str(BIN / "flwr"), "supernode", "register", str(public_key), *([connection] if connection else [])]
+    res = subprocess.run(
+        [*cmd, "--name", name, "--format", "json"], env=env, capture_output=True, text=True, timeout=120
+    )
+    try:
+        return int(json.loads(res.stdout)["node-id"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RuntimeError(f"registering {name}'s key failed:\n{res.stdout}{res.stderr}") from exc

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.result import Result
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
@@ -445,10 +445,7 @@ class DSFedMedStrategy(DeadlineFedAvg):
                 result.arrays = arrays
             ev = self._evaluate_round(arrays, rnd, num_rounds)
             scores = self._scores(ev)
-            if scores:  # rounds without validation (evaluate-every) have none
-                result.evaluate_metrics_clientapp[rnd] = MetricRecord(
-                    {"dice-mean": self._mean(scores, "dice") or 0.0}
-                )
+            self._record_validation(result, rnd, scores)
             self._log_row(
                 rnd,
                 scores,

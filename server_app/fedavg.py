@@ -232,10 +232,7 @@ class DeadlineFedAvg(FedAvg):
                 result.train_metrics_clientapp[rnd] = agg
             ev = self._evaluate_round(arrays, rnd, num_rounds)
             scores = self._scores(ev)
-            if scores:  # rounds without validation (evaluate-every) have none
-                result.evaluate_metrics_clientapp[rnd] = MetricRecord(
-                    {"dice-mean": self._mean(scores, "dice") or 0.0}
-                )
+            self._record_validation(result, rnd, scores)
             self._log_row(rnd, scores, losses, ev, ex, before, t0)
             self.rundir.save_checkpoint(
                 f"global_round_{rnd:03d}.pt",
@@ -284,6 +281,13 @@ class DeadlineFedAvg(FedAvg):
             "bytes_total": fed.traffic.total_down + fed.traffic.total_up,
             "wall_seconds": time.time() - t_run,
         }
+
+    def _record_validation(self, result: Result, rnd: int, scores: dict) -> None:
+        """Flower's per-round evaluation history; rounds without validation (evaluate-every) have none."""
+        if scores:
+            result.evaluate_metrics_clientapp[rnd] = MetricRecord(
+                {"dice-mean": self._mean(scores, "dice") or 0.0}
+            )
 
     def _log_row(self, rnd, scores, losses, ev, train_ex, before, t0, extra=None) -> None:
         fed = self.fed

@@ -123,8 +123,8 @@ def test_generator_uploads_count_in_every_dsfedmed_run(tmp_path):
         {**run("dsfedmed-logits", 1, 2_000), "method": "dsfedmed-logits"},
         {**run("fedavg", 0, 50_000), "method": "fedavg"},  # not a generator method: ignored
     ]
-    assert generator_bytes(records) == pytest.approx(9_000_000)
-    assert generator_bytes(records[1:]) is None  # no pool stage, nothing to add
+    assert generator_bytes(records, {"dsfedmed-logits"}) == pytest.approx(9_000_000)
+    assert generator_bytes(records[1:], {"dsfedmed-logits"}) is None  # no pool stage, nothing to add
 
     methods = {
         "dsfedmed-logits": {

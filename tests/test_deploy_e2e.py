@@ -14,22 +14,12 @@ from cli.main import app
 from deploy.certs import KeySpec, make_federation_keys
 from deploy.local import LocalTrial, SiteSpec, TrialConfig
 from deploy.processes import BIN, free_port, start
+from tests.test_dsfedmed_integration import TINY as DSFEDMED_TINY
 
 pytestmark = pytest.mark.integration
 
-TINY = {
-    "method": "dsfedmed",
-    "image-size": 32,
-    "phantom-images-per-site": 16,
-    "local-epochs": 1,
-    "batch-size": 4,
-    "pool-source": "phantoms",
-    "pool-size": 8,
-    "logit-size": 16,
-    "selection-rho": 0.5,
-    "fm-epochs": 1,
-    "pool-score-epochs": 0,
-}
+# the DSFedMed integration tests' tiny run, with the built-in phantom pool (no generators to train)
+TINY = {**DSFEDMED_TINY, "pool-source": "phantoms", "pool-score-epochs": 0}
 
 
 @pytest.fixture(scope="module")
