@@ -9,6 +9,7 @@ not fit).  Only weights, metrics and the profile leave the site; never images or
 from __future__ import annotations
 
 import logging
+import os
 import traceback
 from collections.abc import Callable
 from dataclasses import replace
@@ -18,17 +19,20 @@ import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client_app.audit import AuditLog, audit_path
+from client_app.policy import PERMISSIVE, PolicyViolation, load_policy
+from client_app.privacy import PrivacyLedger, privatize_probs
 from client_app.state import SiteStore
 from client_app.trainer import SiteTrainer, TrainSettings
 from common import protocol as P
-from common.codec import decode_probs, encode_probs, from_array_record, to_array_record
+from common.codec import decode_probs, encode_probs, from_array_record, message_nbytes, to_array_record
 from common.config import ConfigError, NodeConfig, RunConfig, parse_node_config, parse_run_config
 from common.data import SiteDataError
 from common.foundation import PromptFreeSegmenter, load_foundation_model
-from common.generator import generator_config_from_run, train_generator
+from common.generator import DPSGD, generator_config_from_run, train_generator
 from common.losses import DistillWeights
 from common.runtime import configure_threads, package_versions, resolve_device, setup_logging
-from common.sites import load_site
+from common.sites import load_site, resolve_site
 from common.transforms import resize_pairs
 
 log = logging.getLogger("dsfedmed.client")
@@ -38,6 +42,8 @@ app = ClientApp()
 ERR_CONFIG = 1001
 ERR_DATA = 1002
 ERR_PAYLOAD = 1003
+ERR_POLICY = 1004  # the site's policy forbids the request or its reply; the reason names the rule
+ERR_AUDIT = 1005  # the reply could not be written to the site's audit log, so it was not sent
 ERR_INTERNAL = 1099
 
 
@@ -59,7 +65,11 @@ def _trainer(run: RunConfig, node: NodeConfig, model: str | None = None) -> Site
     torch.manual_seed(run.seed)  # a site's initial model is reproducible from the run seed
     if run.method == "fedfm":  # the site runs the foundation model itself (FedSAM baseline)
         fm = load_foundation_model(
-            run.fm, run.fm_checkpoint, device, freeze_encoder=run.fm_trainable == "decoder"
+            run.fm,
+            run.fm_checkpoint,
+            device,
+            freeze_encoder=run.fm_trainable == "decoder",
+            expected_sha256=run.fm_checkpoint_sha256,
         )
         return SiteTrainer(
             site, split, f"fm:{run.fm}", device, model=PromptFreeSegmenter(fm, run.fm_trainable)
@@ -75,24 +85,66 @@ def _own_model(run: RunConfig) -> bool:
 
 
 def _guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
-    """Turn known failures into error replies that name the problem (the server logs them)."""
+    """Every reply passes here: the site's policy is checked before the handler runs and on what it
+    answers, known failures become error replies that name the problem (the server logs them), and
+    the reply is written to the site's audit log before it leaves (no log, no reply)."""
 
     def wrapper(msg: Message, context: Context) -> Message:
+        site, policy, audit, reply = "?", PERMISSIVE, AuditLog(None), None
+        rule = "ok"
         try:
-            return handler(msg, context)
+            node = parse_node_config(context.node_config)
+            audit = AuditLog(audit_path(node))
+            site = _site_name(context, node)
+            policy = load_policy(node.policy_file)
         except ConfigError as exc:
-            return _error(msg, ERR_CONFIG, f"configuration error: {exc}")
-        except SiteDataError as exc:
-            return _error(msg, ERR_DATA, f"site data error: {exc}")
-        except (PayloadError, ValueError, KeyError) as exc:
-            return _error(msg, ERR_PAYLOAD, f"bad request payload: {exc}")
-        except Exception as exc:  # noqa: BLE001 - any other failure still gets a clear reply
-            log.error("handler %s failed:\n%s", msg.metadata.message_type, traceback.format_exc())
-            return _error(msg, ERR_INTERNAL, f"{type(exc).__name__}: {exc}")
+            reply = _error(msg, ERR_CONFIG, f"configuration error: {exc}")
+        if reply is None:
+            try:
+                policy.check_request(msg.metadata.message_type)
+                reply = _answer(handler, msg, context)
+                if not reply.has_error():
+                    policy.check_reply(reply.content.array_records, message_nbytes(reply))
+            except PolicyViolation as exc:
+                rule = exc.rule
+                reply = _error(msg, ERR_POLICY, str(exc))
+        try:
+            audit.record(msg, reply, run_id=context.run_id, site=site, policy=rule)
+        except OSError as exc:
+            reply = _error(
+                msg,
+                ERR_AUDIT,
+                f"the site's audit log {audit.path} cannot be written ({exc}); nothing is sent without it",
+            )
+        return reply
 
     wrapper.__name__ = handler.__name__
     wrapper.__doc__ = handler.__doc__
     return wrapper
+
+
+def _answer(handler: Callable[[Message, Context], Message], msg: Message, context: Context) -> Message:
+    try:
+        return handler(msg, context)
+    except PolicyViolation:
+        raise
+    except ConfigError as exc:
+        return _error(msg, ERR_CONFIG, f"configuration error: {exc}")
+    except SiteDataError as exc:
+        return _error(msg, ERR_DATA, f"site data error: {exc}")
+    except (PayloadError, ValueError, KeyError) as exc:
+        return _error(msg, ERR_PAYLOAD, f"bad request payload: {exc}")
+    except Exception as exc:  # noqa: BLE001 - any other failure still gets a clear reply
+        log.error("handler %s failed:\n%s", msg.metadata.message_type, traceback.format_exc())
+        return _error(msg, ERR_INTERNAL, f"{type(exc).__name__}: {exc}")
+
+
+def _site_name(context: Context, node: NodeConfig) -> str:
+    """The site's name for the audit log, without loading its data."""
+    try:
+        return resolve_site(parse_run_config(context.run_config), node).name
+    except (ConfigError, SiteDataError):
+        return node.site_name or "?"
 
 
 def _error(msg: Message, code: int, reason: str) -> Message:
@@ -203,8 +255,14 @@ def train_generator_handler(msg: Message, context: Context) -> Message:
     site, split = load_site(run, node)
     device = resolve_device(node.device or run.device)
     images, masks = site.subset(split["train"])
+    gdp = load_policy(node.policy_file).generator_dp
     state, stats = train_generator(
-        images, masks, generator_config_from_run(run), device, log=lambda m: log.info("%s: %s", site.name, m)
+        images,
+        masks,
+        generator_config_from_run(run),
+        device,
+        log=lambda m: log.info("%s: %s", site.name, m),
+        dp=DPSGD(gdp.noise_multiplier, gdp.max_grad_norm, gdp.delta) if gdp.enabled else None,
     )
     flat = {k: float(v) for k, v in stats.items() if isinstance(v, int | float)}
     content = RecordDict({P.KEY_GENERATOR: to_array_record(state), P.KEY_GEN_STATS: ConfigRecord(flat)})
@@ -320,13 +378,43 @@ def _train_dsfedmed(msg: Message, context: Context, run: RunConfig, node: NodeCo
         private=not bootstrap,
     )
     weights = tr.get_weights()
-    store.save_model(weights)
+    store.save_model(
+        weights,
+        {
+            "model": tr.model_name,
+            "in-channels": int(tr.site.images.shape[1]),
+            "image-size": run.image_size,
+            "run-id": int(context.run_id),
+            "site": tr.site.name,
+            "round": server_round,
+            "stage": "bootstrap" if bootstrap else "train",
+        },
+    )
     content = RecordDict({P.KEY_METRICS: MetricRecord({k: float(v) for k, v in metrics.items()})})
     if bootstrap:
         return Message(content, reply_to=msg)
     if run.exchange in ("logits", "hybrid"):
-        probs = encode_probs(tr.predict_probs(syn_images), run.logit_size, run.logit_dtype)
+        probs = _site_probs(tr.predict_probs(syn_images), run, node, store, server_round)
         content[P.KEY_SITE_PROBS] = to_array_record({P.ARR_PROBS: probs})
     if run.exchange in ("weights", "hybrid"):
         content[P.KEY_ARRAYS] = to_array_record(weights)
     return Message(content, reply_to=msg)
+
+
+def _site_probs(probs: torch.Tensor, run: RunConfig, node: NodeConfig, store: SiteStore, rnd: int):
+    """The probabilities that leave the site, encoded; with the policy's ``[dp]`` clipped and noised
+    at ``logit-size`` first, and the release charged to the run's privacy ledger."""
+    dp = load_policy(node.policy_file).dp
+    if dp.enabled:
+        probs = torch.nn.functional.interpolate(probs.float(), size=(run.logit_size,) * 2, mode="area")
+        eps = PrivacyLedger(store.dir / "privacy.json").charge(dp, rnd, len(probs))
+        gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+        probs = privatize_probs(probs, dp, gen)
+        log.info(
+            "round %d: DP on %d uploaded probability maps, ε=%.3g so far (δ=%g)",
+            rnd,
+            len(probs),
+            eps,
+            dp.delta,
+        )
+    return encode_probs(probs, run.logit_size, run.logit_dtype)

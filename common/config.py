@@ -115,6 +115,11 @@ class RunConfig(_Strict):
     exchange: Exchange = "logits"
     fm: str = Field("litemedsam", description="litemedsam, sam_vit_b, sam_vit_l, sam_vit_h, medsam_vit_b")
     fm_checkpoint: str = Field("", description="operator-provided weights (SAM family); empty = bundled")
+    fm_checkpoint_sha256: str = Field(
+        "",
+        pattern=r"^([0-9a-fA-F]{64})?$",
+        description="expected sha256 of fm-checkpoint; checked before loading when set",
+    )
     fm_prompt: PromptMode = "mask-box"
     fm_learning_rate: float = Field(1e-4, gt=0.0, le=1.0)
     fm_epochs: int = Field(1, ge=0, le=100)
@@ -127,6 +132,11 @@ class RunConfig(_Strict):
     )
     fm_batch_size: int = Field(4, ge=1, le=1024, description="fedfm: images per site training step")
     pool_source: PoolSource = "generator"
+    pool_fallback: Literal["phantoms", "folder", "stop"] = Field(
+        "phantoms",
+        description="generator pool: the source used when no site sends a usable generator "
+        "(e.g. every site's policy refuses the upload); 'stop' ends the run",
+    )
     pool_folder: str = ""
     pool_size: int = Field(48, ge=2, le=100_000)
     pool_dir: str = Field(
@@ -233,6 +243,13 @@ class NodeConfig(_Strict):
     num_threads: int = Field(0, ge=0, le=256, description="0 = the run's num-threads")
     cache_dir: str = ""
     state_dir: str = Field("", description="where the site keeps its model and pool; empty = cache-dir/state")
+    audit_log: str = Field(
+        "",
+        description="JSON-lines audit log of every reply this site sends; empty = state-dir/audit.jsonl, 'off' = none",
+    )
+    policy_file: str = Field(
+        "", description="the site's policy (TOML); empty = allow what the protocol allows"
+    )
 
     @field_validator("model")
     @classmethod

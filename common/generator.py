@@ -41,6 +41,15 @@ class GeneratorConfig:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class DPSGD:
+    """Differentially private generator training (opacus DP-SGD with Poisson sampling)."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    delta: float
+
+
 def build_unet(cfg: GeneratorConfig):
     from diffusers import UNet2DModel
 
@@ -120,9 +129,18 @@ def _to_model_space(images: np.ndarray, masks: np.ndarray, size: int) -> tuple[t
 
 
 def train_generator(
-    images: np.ndarray, masks: np.ndarray, cfg: GeneratorConfig, device: torch.device | str = "cpu", log=None
+    images: np.ndarray,
+    masks: np.ndarray,
+    cfg: GeneratorConfig,
+    device: torch.device | str = "cpu",
+    log=None,
+    dp: DPSGD | None = None,
 ) -> tuple[dict[str, np.ndarray], dict]:
-    """Train on (N,3,S,S) uint8 images and (N,1,S,S) {0,1} masks; return EMA weights and stats."""
+    """Train on (N,3,S,S) uint8 images and (N,1,S,S) {0,1} masks; return EMA weights and stats.
+
+    With ``dp`` the UNet trains with opacus DP-SGD (per-sample clipping, Gaussian noise, Poisson
+    sampling; the generator's Conv2d, GroupNorm and Linear layers all have per-sample gradients)
+    and the stats carry the ε spent at ``dp.delta`` (RDP accountant)."""
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from diffusers.training_utils import EMAModel
 
@@ -139,23 +157,37 @@ def train_generator(
     t0, losses, step = time.time(), [], 0
     # bf16 autocast pays off on GPUs; on CPUs without bf16 units it made a step 15x slower
     dev_type = torch.device(device).type
-    autocast = torch.autocast(device_type=dev_type, dtype=torch.bfloat16, enabled=dev_type == "cuda")
+    autocast = torch.autocast(
+        device_type=dev_type, dtype=torch.bfloat16, enabled=dev_type == "cuda" and dp is None
+    )
+    engine, batches = None, None
+    if dp is not None:
+        engine, model, opt, batches = _make_private(unet, opt, x_all, m_all, cfg, dp, gen)
+    else:
+        model = unet
     unet.train()
     while step < cfg.train_steps and time.time() - t0 < cfg.max_seconds:
-        idx = torch.randint(0, len(x_all), (min(cfg.batch_size, len(x_all)),), generator=gen)
-        x, m = x_all[idx].to(device), m_all[idx].to(device)
-        flip = torch.rand(len(idx), generator=gen) < 0.5  # horizontal flips: cheap augmentation
+        if batches is not None:
+            x, m = next(batches)
+            if len(x) == 0:  # Poisson sampling may draw an empty batch
+                continue
+            x, m = x.to(device), m.to(device)
+        else:
+            idx = torch.randint(0, len(x_all), (min(cfg.batch_size, len(x_all)),), generator=gen)
+            x, m = x_all[idx].to(device), m_all[idx].to(device)
+        flip = torch.rand(len(x), generator=gen) < 0.5  # horizontal flips: cheap augmentation
         x[flip], m[flip] = x[flip].flip(-1), m[flip].flip(-1)
         noise = torch.randn(x.shape, generator=gen).to(device)
-        t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=gen).to(device)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(x),), generator=gen).to(device)
         noisy = sched.add_noise(x, noise, t)
         target = sched.get_velocity(x, noise, t)
         with autocast:
-            pred = unet(torch.cat([noisy, m], dim=1), t).sample
+            pred = model(torch.cat([noisy, m], dim=1), t).sample
         loss = F.mse_loss(pred.float(), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        if engine is None:  # DP-SGD clips per sample instead
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         lr_sched.step()
         ema.step(unet.parameters())
@@ -177,7 +209,39 @@ def train_generator(
         "mask_log_fg_std": log_std,
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
     }
+    if engine is not None:
+        stats.update(
+            dp_epsilon=float(engine.get_epsilon(dp.delta)),
+            dp_delta=dp.delta,
+            dp_noise_multiplier=dp.noise_multiplier,
+            dp_max_grad_norm=dp.max_grad_norm,
+        )
     return state, stats
+
+
+def _make_private(unet, opt, x_all, m_all, cfg: GeneratorConfig, dp: DPSGD, gen: torch.Generator):
+    """Wrap model, optimiser and a Poisson-sampled loader with opacus; batches cycle forever."""
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    engine = PrivacyEngine(accountant="rdp")
+    loader = DataLoader(
+        TensorDataset(x_all, m_all), batch_size=min(cfg.batch_size, len(x_all)), generator=gen
+    )
+    model, opt, loader = engine.make_private(
+        module=unet,
+        optimizer=opt,
+        data_loader=loader,
+        noise_multiplier=dp.noise_multiplier,
+        max_grad_norm=dp.max_grad_norm,
+        poisson_sampling=True,
+    )
+
+    def cycle():
+        while True:
+            yield from loader
+
+    return engine, model, opt, cycle()
 
 
 @torch.no_grad()

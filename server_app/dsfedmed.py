@@ -102,7 +102,7 @@ class DSFedMedStrategy(DeadlineFedAvg):
             pool = self._generator_pool()
         pool.meta["key"] = key
         self._write_pool(pool)
-        if cached is not None:
+        if cached is not None and "fallback" not in pool.meta:  # a stand-in pool is never reused
             pool.save(cached)
         return pool
 
@@ -142,10 +142,16 @@ class DSFedMedStrategy(DeadlineFedAvg):
                 continue
             gens[site] = (state, dict(stats))
         if not gens:
-            raise FederationStopped(
-                f"no usable generator from any site (errors: {ex.errors or 'none'}; no answer: {ex.timeouts or 'none'}); "
-                "use pool-source 'phantoms' or 'folder' instead"
-            )
+            why = f"no usable generator from any site (errors: {ex.errors or 'none'}; no answer: {ex.timeouts or 'none'})"
+            if cfg.pool_fallback == "stop" or (cfg.pool_fallback == "folder" and not cfg.pool_folder):
+                raise FederationStopped(f"{why}; use pool-source 'phantoms' or 'folder' instead")
+            log.warning("%s: the pool comes from pool-fallback '%s' instead", why, cfg.pool_fallback)
+            if cfg.pool_fallback == "folder":
+                pool = folder_pool(cfg.pool_folder, cfg.pool_size, cfg.image_size, self.pool_seed)
+            else:
+                pool = phantom_pool(cfg.pool_size, cfg.gen_size, self.pool_seed)
+            pool.meta.update(fallback=cfg.pool_fallback, fallback_reason=why, generator_errors=ex.errors)
+            return pool
         t0 = time.time()
         pool = generator_pool(gens, gcfg, cfg.pool_size, self.pool_seed, self.device)
         pool.meta["generators"] = {s: st for s, (_, st) in gens.items()}
@@ -299,7 +305,9 @@ class DSFedMedStrategy(DeadlineFedAvg):
         pool_images, pool_masks = resize_pairs(pool.images, pool.masks, cfg.image_size)
         has_pool: set[int] = set()
         pool_score = self.score_pool(pool, has_pool)
-        fm = load_foundation_model(cfg.fm, cfg.fm_checkpoint, self.device)
+        fm = load_foundation_model(
+            cfg.fm, cfg.fm_checkpoint, self.device, expected_sha256=cfg.fm_checkpoint_sha256
+        )
         embed_cache = (
             Path(cfg.pool_dir).expanduser() / f"fm-embeddings-{cfg.fm}-{pool.pool_id}-{cfg.image_size}px.pt"
             if cfg.pool_dir

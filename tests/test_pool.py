@@ -74,3 +74,26 @@ def test_pool_dir_is_reused_only_with_matching_settings(tmp_path, monkeypatch):
     third = _strategy(tmp_path, "r3", **{"pool-dir": pool_dir, "seed": 5}).build_pool()
     assert len(calls) == 2 and third.pool_id != first.pool_id
     np.testing.assert_array_equal(Pool.load(tmp_path / "pools" / "pool.npz").images, third.images)
+
+
+def test_when_every_site_refuses_its_generator_the_pool_falls_back(tmp_path, monkeypatch):
+    """A site policy may refuse the generator upload; with no generator at all the federation runs
+    on the fallback source (never cached as if it were the generator pool), or stops if told to."""
+    import pytest
+
+    from server_app.federation import Exchange, FederationStopped
+
+    refused = Exchange(errors={"h0": "policy allow-generator-upload: this site does not send ..."})
+
+    def strategy(name, **cfg):
+        s = _strategy(tmp_path, name, **{"pool-source": "generator", "gen-size": 16, **cfg})
+        monkeypatch.setattr(s.fed, "send", lambda msgs, timeout: refused)
+        return s
+
+    pool_dir = tmp_path / "pools"
+    pool = strategy("r1", **{"pool-dir": str(pool_dir)}).build_pool()
+    assert pool.meta["fallback"] == "phantoms" and "h0" in pool.meta["generator_errors"]
+    assert pool.images.shape == (4, 3, 16, 16) and (tmp_path / "r1" / "pool.npz").is_file()
+    assert not (pool_dir / "pool.npz").exists()
+    with pytest.raises(FederationStopped, match="no usable generator.*allow-generator-upload"):
+        strategy("r2", **{"pool-fallback": "stop"}).build_pool()

@@ -1,0 +1,142 @@
+"""A site's own policy: what it agrees to send, checked before and after every handler.
+
+The file is TOML, named by node config ``policy-file`` (``dsfedmed provision`` writes a template)::
+
+    allowed-message-types = ["query.profile", "train", "evaluate", "train.generator", "evaluate.pool"]
+    max-reply-bytes = 0              # 0 = no limit; else the largest reply (array bytes) the site sends
+    allow-generator-upload = true    # false: refuse train.generator (the diffusion weights)
+    allow-weights-upload = true      # false: never send model weights (FedAvg, weights/hybrid exchange)
+
+    [dp]                             # site-level differential privacy on uploaded probabilities
+    enabled = false
+    clip = 1.0                       # L2 bound of each sample's logit map (logit-size x logit-size)
+    noise-multiplier = 1.0           # Gaussian noise std = noise-multiplier x L2 sensitivity
+    delta = 1e-5
+    max-epsilon = 0.0                # 0 = no cap; else refuse uploads that would spend more
+
+    [generator-dp]                   # DP-SGD (opacus) for the site's diffusion generator
+    enabled = false
+    noise-multiplier = 1.0
+    max-grad-norm = 1.0
+    delta = 1e-5
+
+A request the policy forbids gets an error reply whose reason names the rule
+(``policy <rule>: ...``); the server records it and goes on without the site for that step.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from common import protocol as P
+from common.config import ConfigError
+
+ALL_MESSAGE_TYPES = (
+    P.MSG_QUERY_PROFILE,
+    P.MSG_TRAIN,
+    P.MSG_EVALUATE,
+    P.MSG_TRAIN_GENERATOR,
+    P.MSG_EVALUATE_POOL,
+)
+
+
+class PolicyViolation(Exception):
+    """A request or a reply the site's policy forbids; ``rule`` names the policy key."""
+
+    def __init__(self, rule: str, detail: str):
+        super().__init__(f"policy {rule}: {detail}")
+        self.rule = rule
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=lambda n: n.replace("_", "-"), populate_by_name=True, extra="forbid", frozen=True
+    )
+
+
+class LogitDP(_Section):
+    """Gaussian mechanism on every upload of site probabilities (see :mod:`client_app.privacy`)."""
+
+    enabled: bool = False
+    clip: float = Field(1.0, gt=0.0)
+    noise_multiplier: float = Field(1.0, gt=0.0)
+    delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    max_epsilon: float = Field(0.0, ge=0.0)
+
+
+class GeneratorDP(_Section):
+    """DP-SGD (opacus) for the site's diffusion generator."""
+
+    enabled: bool = False
+    noise_multiplier: float = Field(1.0, gt=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    delta: float = Field(1e-5, gt=0.0, lt=1.0)
+
+
+class SitePolicy(_Section):
+    allowed_message_types: tuple[str, ...] = ALL_MESSAGE_TYPES
+    max_reply_bytes: int = Field(0, ge=0)
+    allow_generator_upload: bool = True
+    allow_weights_upload: bool = True
+    dp: LogitDP = LogitDP()
+    generator_dp: GeneratorDP = GeneratorDP()
+    source: str = Field("", exclude=True)  # the file it came from (for messages)
+
+    @field_validator("allowed_message_types")
+    @classmethod
+    def _known_types(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = sorted(set(v) - set(ALL_MESSAGE_TYPES))
+        if unknown:
+            raise ValueError(f"unknown message type(s) {unknown}; known: {', '.join(ALL_MESSAGE_TYPES)}")
+        return v
+
+    # --- checks ------------------------------------------------------------------------------
+    def check_request(self, message_type: str) -> None:
+        """Before any work: is this kind of request allowed at all?"""
+        if message_type not in self.allowed_message_types:
+            raise PolicyViolation(
+                "allowed-message-types",
+                f"this site does not answer '{message_type}' (allowed: {', '.join(self.allowed_message_types)})",
+            )
+        if message_type == P.MSG_TRAIN_GENERATOR and not self.allow_generator_upload:
+            raise PolicyViolation(
+                "allow-generator-upload",
+                "this site does not send diffusion generator weights (they can memorise training images)",
+            )
+
+    def check_reply(self, array_records: dict, nbytes: int) -> None:
+        """After the handler, before anything leaves: what the reply holds and how big it is."""
+        if P.KEY_GENERATOR in array_records and not self.allow_generator_upload:
+            raise PolicyViolation("allow-generator-upload", "the reply holds generator weights")
+        if P.KEY_ARRAYS in array_records and not self.allow_weights_upload:
+            raise PolicyViolation("allow-weights-upload", "the reply holds model weights")
+        if self.max_reply_bytes and nbytes > self.max_reply_bytes:
+            raise PolicyViolation(
+                "max-reply-bytes", f"the reply holds {nbytes} bytes, more than {self.max_reply_bytes}"
+            )
+
+
+PERMISSIVE = SitePolicy()
+
+
+def load_policy(path: str) -> SitePolicy:
+    """The policy in ``path`` (TOML); empty path = allow what the protocol allows."""
+    if not path:
+        return PERMISSIVE
+    p = Path(path).expanduser()
+    try:
+        raw = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"policy-file not found: {p}") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"policy-file {p} cannot be read as TOML: {exc}") from None
+    try:
+        return SitePolicy.model_validate({**raw, "source": str(p)})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in e['loc']) or '(file)'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(f"policy-file {p}: {problems}") from None

@@ -1,0 +1,1 @@
+"""Hospital operations: preflight checks, site kits, audit log summaries, reports and prediction."""
