@@ -34,7 +34,9 @@ def measure_inference(profile: Profile, fm_repeats: int = 5, site_repeats: int =
     cfg = parse_run_config({"image-size": profile.image_size, **profile.extra})
     torch.manual_seed(0)
     site_model = build_model(cfg.model)
-    fm = PromptFreeSegmenter(load_foundation_model(cfg.fm, cfg.fm_checkpoint, "cpu"))
+    fm = PromptFreeSegmenter(
+        load_foundation_model(cfg.fm, cfg.fm_checkpoint, "cpu", expected_sha256=cfg.fm_checkpoint_sha256)
+    )
     out = {
         "site_model": cfg.model,
         "site_params": count_parameters(site_model),

@@ -137,6 +137,10 @@ def local(
         list[str], typer.Option("--site-dir", help="NAME=FOLDER of a site's images/ and masks/ (repeat)")
     ] = [],  # noqa: B006
     site_models: Annotated[str, typer.Option(help="NAME=MODEL,... a site's own model choice")] = "",
+    site_policy: Annotated[
+        list[str],
+        typer.Option("--site-policy", help="NAME=FILE: a site's policy file (repeat; docs/security.md)"),
+    ] = [],  # noqa: B006
     run_config: Annotated[
         str, typer.Option(help="run config overrides, as for `flwr run --run-config`")
     ] = "",
@@ -159,16 +163,26 @@ def local(
 
     try:
         models = dict(kv.split("=", 1) for kv in filter(None, site_models.split(",")))
+        if any("=" not in kv for kv in site_policy):
+            raise typer.BadParameter("use --site-policy NAME=FILE", param_hint="--site-policy")
+        policies = dict(kv.split("=", 1) for kv in site_policy)
         if site_dir:
             pairs = [kv.split("=", 1) for kv in site_dir]
             if any(len(p) != 2 for p in pairs):
                 raise typer.BadParameter("use --site-dir NAME=FOLDER", param_hint="--site-dir")
-            specs = [SiteSpec(name=n, data_dir=d, model=models.get(n, "")) for n, d in pairs]
-        else:
+            names = [n for n, _ in pairs]
             specs = [
-                SiteSpec(name=f"site-{i}", phantom_id=i, model=models.get(f"site-{i}", ""))
-                for i in range(sites)
+                SiteSpec(name=n, data_dir=d, model=models.get(n, ""), policy_file=policies.get(n, ""))
+                for n, d in pairs
             ]
+        else:
+            names = [f"site-{i}" for i in range(sites)]
+            specs = [
+                SiteSpec(name=n, phantom_id=i, model=models.get(n, ""), policy_file=policies.get(n, ""))
+                for i, n in enumerate(names)
+            ]
+        if unknown := sorted(set(policies) - set(names)):
+            raise typer.BadParameter(f"no site named {', '.join(unknown)}", param_hint="--site-policy")
         cfg = TrialConfig(
             sites=specs,
             work_dir=work,

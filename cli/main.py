@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import typer
 
+from cli.audit import audit
 from cli.bench import bench_app
 from cli.deploy import deploy_app
+from cli.predict import predict
+from cli.preflight import preflight_app
+from cli.provision import provision
+from cli.report import report
 
 app = typer.Typer(
     name="dsfedmed",
@@ -16,6 +21,11 @@ app = typer.Typer(
 )
 app.add_typer(bench_app, name="bench")
 app.add_typer(deploy_app, name="deploy")
+app.add_typer(preflight_app, name="preflight")
+app.command("provision")(provision)
+app.command("report")(report)
+app.command("predict")(predict)
+app.command("audit")(audit)
 
 
 def main() -> None:

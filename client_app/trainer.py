@@ -6,6 +6,7 @@ records.  Weights cross this boundary as ``{name: numpy array}`` state dicts.
 
 from __future__ import annotations
 
+import logging
 import time
 import zlib
 from dataclasses import dataclass
@@ -22,6 +23,26 @@ from common.metrics import ThresholdedScores
 from common.models import build_model, check_input_size, count_parameters, load_weights
 from common.splits import Split
 from common.transforms import make_dataset, to_float_batch
+
+log = logging.getLogger("dsfedmed.client")
+
+
+class _EpochLog:
+    """Progress of a long site step in the SuperNode's log: one line per epoch, at most every
+    ``every_s`` seconds (and always for the last epoch of a step that took that long)."""
+
+    def __init__(self, site: str, what: str, epochs: int, every_s: float = 10.0):
+        self.site, self.what, self.epochs, self.every_s = site, what, epochs, every_s
+        self.t0 = self.last = time.monotonic()
+
+    def epoch(self, e: int, loss: float, steps: int) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.every_s or (e == self.epochs and now - self.t0 >= self.every_s):
+            self.last = now
+            log.info(
+                "%s: %s epoch %d/%d, loss %.4f, %d steps, %.0f s",
+                self.site, self.what, e, self.epochs, loss, steps, now - self.t0,
+            )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -105,7 +126,8 @@ class SiteTrainer:
         opt = torch.optim.Adam(self.model.parameters(), lr=s.learning_rate)
         self.model.train()
         total, steps = 0.0, 0
-        for _ in range(s.epochs):
+        progress = _EpochLog(self.site.name, "local training", s.epochs)
+        for epoch in range(1, s.epochs + 1):
             if s.max_steps and steps >= s.max_steps:
                 break
             for batch in loader:
@@ -125,6 +147,7 @@ class SiteTrainer:
                 opt.step()
                 total += float(loss.detach())
                 steps += 1
+            progress.epoch(epoch, total / max(steps, 1), steps)
         return {
             "train-loss": total / max(steps, 1),
             "num-examples": len(ds),
@@ -158,7 +181,8 @@ class SiteTrainer:
         self.model.train()
         total, steps = 0.0, 0
         bs = max(2, min(s.batch_size, len(x_all)))
-        for _ in range(s.epochs):
+        progress = _EpochLog(self.site.name, "distillation", s.epochs)
+        for epoch in range(1, s.epochs + 1):
             order = torch.randperm(len(x_all), generator=gen)
             for i in range(0, len(order), bs):
                 idx = order[i : i + bs]
@@ -174,6 +198,7 @@ class SiteTrainer:
                 opt.step()
                 total += float(loss.detach())
                 steps += 1
+            progress.epoch(epoch, total / max(steps, 1), steps)
         out["distill-loss"] = total / max(steps, 1)
         out["distill-steps"] = steps
         out["seconds"] = time.time() - t0

@@ -175,6 +175,7 @@ class RunConfig(_Strict):
     )
     evaluate_every: int = Field(1, ge=1, description="validation every k rounds (the last round always)")
     # outputs and machine
+    tensorboard: bool = Field(True, description="also write per-round metrics for TensorBoard when installed")
     runs_root: str = "runs"
     run_dir: str = ""
     device: Device = "auto"

@@ -108,7 +108,8 @@ def _list_files(folder: Path) -> dict[str, Path]:
     return out
 
 
-def _read_image(path: Path) -> Image.Image:
+def read_image(path: Path) -> Image.Image:
+    """Open and fully decode an image file (raises ``UnidentifiedImageError``/``OSError``)."""
     with Image.open(path) as im:
         im.load()  # forces full decode: truncated files fail here, not later
         return im.copy()
@@ -142,10 +143,16 @@ def _mask_array(im: Image.Image) -> np.ndarray:
     )
 
 
-def _resize_pair(img: Image.Image, mask01: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+def prepare_image(img: Image.Image, size: int) -> np.ndarray:
+    """An image as the models see it: RGB, ``size``x``size``, (3,S,S) uint8. Training, evaluation
+    and ``dsfedmed predict`` all go through this, so a model sees the same pixels everywhere."""
     img = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return np.asarray(img).transpose(2, 0, 1).copy()
+
+
+def _resize_pair(img: Image.Image, mask01: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     m = Image.fromarray(mask01 * 255).resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(img).transpose(2, 0, 1).copy(), (np.asarray(m)[None] >= 128).astype(np.uint8)
+    return prepare_image(img, size), (np.asarray(m)[None] >= 128).astype(np.uint8)
 
 
 def _fingerprint(folder: Path, files: list[Path], image_size: int) -> str:
@@ -213,12 +220,12 @@ def load_site_folder(
             report.add(ipath, "missing mask")
             continue
         try:
-            img = _read_image(ipath)
+            img = read_image(ipath)
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             report.add(ipath, f"unreadable or truncated image: {exc}")
             continue
         try:
-            mimg = _read_image(mpath)
+            mimg = read_image(mpath)
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             report.add(mpath, f"unreadable or truncated mask: {exc}")
             continue
@@ -239,7 +246,9 @@ def load_site_folder(
     if strict and report.problems:
         raise SiteDataError("strict data check failed: " + report.summary())
     if not stems:
-        raise SiteDataError("no usable image/mask pairs: " + report.summary())
+        err = SiteDataError("no usable image/mask pairs: " + report.summary())
+        err.report = report  # every file's problem, for callers that list them (dsfedmed preflight)
+        raise err
     src_ch = 1 if chans and max(chans) == 1 else 3
     site = SiteArrays(name, np.stack(out_img), np.stack(out_mask), stems, report, src_ch)
     if cache_file is not None:

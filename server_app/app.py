@@ -11,12 +11,20 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.codec import to_array_record
 from common.config import ConfigError, parse_run_config
-from common.foundation import PromptFreeSegmenter, load_foundation_model
+from common.foundation import (
+    FoundationModelError,
+    PromptFreeSegmenter,
+    checkpoint_path,
+    load_foundation_model,
+    verify_checkpoint_sha256,
+)
 from common.models import build_model, count_parameters
 from common.runtime import configure_threads, setup_logging
+from server_app.board import MetricsBoard
 from server_app.dsfedmed import DSFedMedStrategy
 from server_app.fedavg import DeadlineFedAvg
 from server_app.federation import Federation, FederationStopped
+from server_app.progress import ServerProgress
 from server_app.rundir import RunDirectory
 
 log = logging.getLogger("dsfedmed.server")
@@ -37,10 +45,24 @@ def main(grid: Grid, context: Context) -> None:
     log.info("run directory: %s", rundir.path)
     rundir.write_json("config.json", {"run_config": cfg.to_flat()})
 
+    if (
+        cfg.method != "fedavg"
+        and cfg.fm_checkpoint_sha256
+        and (path := checkpoint_path(cfg.fm, cfg.fm_checkpoint))
+    ):
+        try:  # before any site spends time on the run
+            verify_checkpoint_sha256(path, cfg.fm_checkpoint_sha256)
+        except FoundationModelError as exc:
+            log.error("%s", exc)
+            raise
     torch.manual_seed(cfg.seed)  # the initial global model is part of what `seed` reproduces
-    fed = Federation(grid)
+    if cfg.tensorboard:
+        rundir.board = MetricsBoard.open(rundir.path / "tensorboard")
+    progress = ServerProgress()
+    progress.start(cfg.num_rounds)
+    fed = Federation(grid, progress=progress)
     if cfg.method == "fedfm":  # the global model is the FM itself (or its decoder)
-        fm = load_foundation_model(cfg.fm, cfg.fm_checkpoint, "cpu")
+        fm = load_foundation_model(cfg.fm, cfg.fm_checkpoint, "cpu", expected_sha256=cfg.fm_checkpoint_sha256)
         model = PromptFreeSegmenter(fm, cfg.fm_trainable).exchanged_module
         model_name = f"{cfg.fm} ({cfg.fm_trainable})"
     else:
@@ -74,6 +96,10 @@ def main(grid: Grid, context: Context) -> None:
         )
         log.error("federation stopped: %s (see %s)", exc, rundir.path / "summary.json")
         raise
+    finally:
+        progress.stop()
+        if rundir.board is not None:
+            rundir.board.close()
     summary = {"run_dir": str(rundir.path), "model_params": count_parameters(model), **strategy.summary_data}
     summary["model"] = model_name
     rundir.write_json("config.json", {"run_config": cfg.to_flat(), "site_profiles": strategy.profiles})

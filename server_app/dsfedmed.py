@@ -360,7 +360,7 @@ class DSFedMedStrategy(DeadlineFedAvg):
         completed = 0
         for rnd in range(1, num_rounds + 1):
             t0, before = time.time(), (dict(fed.traffic.down), dict(fed.traffic.up))
-            log.info("[round %d/%d]", rnd, num_rounds)
+            self.fed.progress.round(rnd, num_rounds)
             fm_probs = teacher.probs(None, size)
             ens_view = (
                 torch.where(torch.from_numpy(known)[:, None, None, None], ensemble, fm_probs)
@@ -504,6 +504,9 @@ class DSFedMedStrategy(DeadlineFedAvg):
                 "size": n_pool,
                 "source": pool.meta.get("source"),
                 "generators": pool.meta.get("generators"),
+                # sites whose generator was refused (e.g. by their policy) or rejected, and why
+                "generator_errors": pool.meta.get("generator_errors", {}),
+                "fallback": pool.meta.get("fallback"),
                 "score": pool_score,
             },
         }

@@ -207,7 +207,7 @@ class DeadlineFedAvg(FedAvg):
         completed = 0
         for rnd in range(1, num_rounds + 1):
             t0, before = time.time(), (dict(fed.traffic.down), dict(fed.traffic.up))
-            log.info("[round %d/%d]", rnd, num_rounds)
+            self.fed.progress.round(rnd, num_rounds)
             train_cfg = ConfigRecord({P.CFG_MODEL: cfg.model})
             ex = fed.send(self.configure_train(rnd, arrays, train_cfg, grid), timeout)
             valid, losses = [], {}

@@ -17,6 +17,7 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from common.codec import message_nbytes
+from server_app.progress import ServerProgress
 
 log = logging.getLogger("dsfedmed.server")
 
@@ -55,9 +56,10 @@ class Exchange:
 class Federation:
     """Wraps a Flower ``Grid`` with deadline sampling, per-site naming and byte accounting."""
 
-    def __init__(self, grid: Grid, *, poll_s: float = 1.0):
+    def __init__(self, grid: Grid, *, poll_s: float = 1.0, progress: ServerProgress | None = None):
         self.grid = grid
         self.poll_s = poll_s
+        self.progress = progress or ServerProgress(live=False)
         self.sites: dict[int, str] = {}  # node id -> site name, set after profiling
         self.traffic = Traffic()
         self._absent: set[str] = set()  # roster sites not connected when they were wanted
@@ -115,6 +117,27 @@ class Federation:
         out, self._absent = sorted(self._absent), set()
         return out
 
+    def _push_and_pull(self, messages: list[Message], timeout_s: float) -> list[Message]:
+        """Flower's send-and-receive, polling every ``poll_s`` and reporting who is still awaited."""
+        first = messages[0].metadata
+        label = f"{first.message_type} (round {first.group_id or 0})"
+        pending = {
+            mid: msg.metadata.dst_node_id
+            for mid, msg in zip(self.grid.push_messages(messages), messages, strict=True)
+        }
+        total, replies, t0 = len(pending), [], time.monotonic()
+        while True:
+            got = list(self.grid.pull_messages(list(pending))) if pending else []
+            for rep in got:
+                pending.pop(rep.metadata.reply_to_message_id, None)
+            replies += got
+            elapsed = time.monotonic() - t0
+            waiting = sorted(self.site_of(n) for n in pending.values())
+            self.progress.exchange(label, total - len(pending), total, waiting, elapsed, timeout_s)
+            if not pending or elapsed >= timeout_s:
+                return replies
+            time.sleep(min(self.poll_s, max(0.0, timeout_s - elapsed)))
+
     def make(self, node_id: int, mtype: str, content: RecordDict, round_id: int = 0) -> Message:
         return Message(content, dst_node_id=node_id, message_type=mtype, group_id=str(round_id))
 
@@ -127,7 +150,7 @@ class Federation:
             self.traffic.add(self.site_of(msg.metadata.dst_node_id), down=message_nbytes(msg))
         if not messages:
             return out
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout_s))
+        replies = self._push_and_pull(messages, timeout_s)
         answered = set()
         for rep in replies:
             node_id = rep.metadata.src_node_id

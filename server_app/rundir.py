@@ -7,6 +7,7 @@ Layout (``runs/<UTC timestamp>-<method>/`` unless ``run-dir`` is set)::
     summary.json     final per-site and mean Dice/IoU on the test split, holdout, traffic, time
     checkpoints/     model weights the server holds (global model for FedAvg)
     dice.png         Dice per round per site
+    tensorboard/     the same per-round metrics for TensorBoard (run config tensorboard, if installed)
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class RunDirectory:
         self.path = path
         self.checkpoints = path / "checkpoints"
         self.checkpoints.mkdir(parents=True, exist_ok=True)
+        self.board = None  # a server_app.board.MetricsBoard when TensorBoard logging is on
 
     @classmethod
     def create(cls, runs_root: str, run_dir: str, method: str) -> RunDirectory:
@@ -68,6 +70,8 @@ class RunDirectory:
             fh.write(json.dumps(json_safe(row)) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+        if self.board is not None:
+            self.board.write(row)
 
     def read_metrics(self) -> list[dict]:
         p = self.path / "metrics.jsonl"

@@ -20,6 +20,15 @@ pytestmark = pytest.mark.integration
 
 # the DSFedMed integration tests' tiny run, with the built-in phantom pool (no generators to train)
 TINY = {**DSFEDMED_TINY, "pool-source": "phantoms", "pool-score-epochs": 0}
+# the same with tiny generators (a few steps: what matters here is what leaves each site)
+TINY_GEN = {
+    **TINY,
+    "pool-source": "generator",
+    "gen-size": 16,
+    "gen-steps": 3,
+    "gen-batch-size": 4,
+    "gen-sample-steps": 2,
+}
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +51,30 @@ def _wait_exit(proc, timeout_s: float) -> int | None:
 
 def test_tls_trial_with_node_auth_refused_rogue_and_a_site_killed_mid_run(tmp_path, keys):
     """One trial (the e2e runs are the suite's slowest; they share one federation): 3 registered
-    sites complete DSFedMed rounds 1-2 with every site's metrics; a 4th SuperNode whose key was never
-    registered is refused; site-2 is then killed, round 3 finishes after its deadline without it, the
-    dropout is recorded in metrics.jsonl, and the run completes."""
+    sites with data folders on disk complete DSFedMed rounds 1-2 with every site's metrics; a 4th
+    SuperNode whose key was never registered is refused; site-1's policy refuses the generator
+    upload (the pool comes from the other two) and puts DP noise on its probabilities; site-2 is
+    then killed, round 3 finishes after its deadline without it, the dropout is recorded in
+    metrics.jsonl, and the run completes. Every site's audit log then proves that none of its images
+    or masks, nor anything shaped like them, left it."""
+    from common.phantoms import write_phantom_site
+
+    folders = {f"site-{i}": write_phantom_site(tmp_path / f"data-{i}", i, 16, 48) for i in range(3)}
+    policy = tmp_path / "site-1-policy.toml"
+    policy.write_text(
+        "allow-generator-upload = false\n[dp]\nenabled = true\nclip = 40.0\nnoise-multiplier = 0.5\n"
+    )
+    sites = [
+        SiteSpec(name=n, data_dir=str(d), policy_file=str(policy) if n == "site-1" else "")
+        for n, d in folders.items()
+    ]
     rogue = SiteSpec(name="rogue", phantom_id=3, registered=False)
     cfg = TrialConfig(
-        sites=_sites(3, rogue=rogue),
+        sites=[*sites, rogue],
         work_dir=tmp_path / "trial",
         keys_dir=keys,
         run_config={
-            **TINY,
+            **TINY_GEN,
             "num-rounds": 3,
             "min-sites": 2,
             "round-timeout-s": 90,
@@ -103,6 +126,49 @@ def test_tls_trial_with_node_auth_refused_rogue_and_a_site_killed_mid_run(tmp_pa
     assert "rogue" not in json.loads((run_dir / "config.json").read_text())["site_profiles"]
     assert set(summary["test"]) == {"site-0", "site-1"}
     assert (run_dir / "pool.png").is_file() and (run_dir / "dice.png").is_file()
+    # site-1's policy refused the generator upload: the pool comes from site-0 and site-2
+    assert set(summary["pool"]["generators"]) == {"site-0", "site-2"}
+    assert "policy allow-generator-upload" in summary["pool"]["generator_errors"]["site-1"]
+    _audit_proves_no_site_data_left(trial.work, folders)
+
+
+def _audit_proves_no_site_data_left(work, folders):
+    """From each site's own audit log: only protocol records left, nothing equal to or shaped like
+    one of its images or masks (native 48 px, or the run's 32 px), and site-1's refusal and DP."""
+    from common import protocol as P
+    from ops.audit import read_audit
+
+    allowed = {
+        (P.MSG_QUERY_PROFILE, P.KEY_PROFILE),
+        (P.MSG_TRAIN_GENERATOR, P.KEY_GENERATOR),
+        (P.MSG_TRAIN_GENERATOR, P.KEY_GEN_STATS),
+        (P.MSG_TRAIN, P.KEY_METRICS),
+        (P.MSG_TRAIN, P.KEY_SITE_PROBS),
+        (P.MSG_EVALUATE, P.KEY_METRICS),
+    }
+    for name, folder in folders.items():
+        log = work / "sites" / name / "state" / "audit.jsonl"
+        entries = read_audit(log)
+        types = {e["message_type"] for e in entries}
+        assert {P.MSG_QUERY_PROFILE, P.MSG_TRAIN, P.MSG_EVALUATE} <= types, (name, types)
+        assert all(e["site"] == name for e in entries)
+        sent = {(e["message_type"], r["key"]) for e in entries for r in e["records"]}
+        assert sent <= allowed, (name, sent - allowed)
+        res = CliRunner().invoke(
+            app, ["audit", str(log), "--data-dir", str(folder), "--image-size", "32", "--format", "json"]
+        )
+        assert res.exit_code == 0, res.output
+        check = json.loads(res.output)["data_check"]
+        assert check["images"] == 16 and check["arrays_checked"] > 0 and check["problems"] == [], check
+        gen = [e for e in entries if e["message_type"] == P.MSG_TRAIN_GENERATOR]
+        if name == "site-1":
+            assert [e["policy"] for e in gen] == ["allow-generator-upload"]
+            ledger = json.loads(next((work / "sites" / name / "state").rglob("privacy.json")).read_text())
+            assert len(ledger["releases"]) >= 2 and ledger["epsilon"] > 0
+        else:
+            assert [e["status"] for e in gen] == ["ok"]
+    text = CliRunner().invoke(app, ["audit", str(work / "sites" / "site-1" / "state" / "audit.jsonl")])
+    assert text.exit_code == 0 and "policy refusals" in text.output and "site-probs" in text.output
 
 
 def test_plaintext_client_against_the_tls_superlink_fails_clearly(tmp_path, keys, monkeypatch):

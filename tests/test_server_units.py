@@ -74,3 +74,96 @@ def test_run_directory(tmp_path):
     assert (rd.checkpoints / "c.pt").is_file()
     with pytest.raises(FileExistsError):
         RunDirectory.create(str(tmp_path), str(rd.path), "fedavg")
+
+
+class ReplyingGrid(FakeGrid):
+    """Push/pull like Flower's Grid: node 2 answers after ``delay`` seconds, node 3 never."""
+
+    def __init__(self, delay):
+        super().__init__([(0, [1, 2, 3])])
+        self.delay, self.pushed = delay, {}
+
+    def push_messages(self, messages):
+        ids = []
+        for i, m in enumerate(messages):
+            mid = f"m{i}"
+            m.metadata.__dict__["_message_id"] = mid  # what the SuperLink assigns
+            self.pushed[mid] = (m, time.monotonic())
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, message_ids):
+        from flwr.app import Message, MetricRecord
+
+        out = []
+        for mid in message_ids:
+            m, t = self.pushed[mid]
+            node = m.metadata.dst_node_id
+            if node == 1 or (node == 2 and time.monotonic() - t >= self.delay):
+                rep = Message(RecordDict({"metrics": MetricRecord({"x": 1.0})}), reply_to=m)
+                rep.metadata.__dict__["_src_node_id"] = node
+                out.append(rep)
+        return out
+
+
+def test_send_reports_who_is_still_awaited_and_stops_at_the_deadline(task_identity, caplog):
+    from server_app.progress import ServerProgress
+
+    seen = []
+
+    class Recorder(ServerProgress):
+        def exchange(self, label, answered, total, waiting, elapsed, timeout):
+            seen.append((label, answered, total, tuple(waiting)))
+            super().exchange(label, answered, total, waiting, elapsed, timeout)
+
+    fed = Federation(ReplyingGrid(delay=0.2), poll_s=0.05, progress=Recorder(live=False, every_s=0.0))
+    for n, name in ((1, "A"), (2, "B"), (3, "C")):
+        fed.name_site(n, name)
+    msgs = [fed.make(n, "train", RecordDict({"config": ConfigRecord({"r": 1})}), 4) for n in (1, 2, 3)]
+    with caplog.at_level("INFO", logger="dsfedmed.server"):
+        ex = fed.send(msgs, timeout_s=0.6)
+    assert set(ex.replies) == {"A", "B"} and ex.timeouts == ["C"]
+    assert seen[0] == ("train (round 4)", 1, 3, ("B", "C")) and seen[-1][1:] == (2, 3, ("C",))
+    assert "train (round 4): waiting for 2/3 sites (B, C)" in caplog.text
+    assert fed.traffic.up["A"] > 0 and fed.traffic.up["B"] > 0 and not fed.traffic.up.get("C")
+
+
+def test_tensorboard_board_gets_every_metrics_row(tmp_path, monkeypatch):
+    from server_app import board
+
+    row = {
+        "round": 2,
+        "dice_mean": 0.5,
+        "bytes_up": 10,
+        "dropped": ["C"],
+        "sites": {"A": {"dice": 0.4, "iou": None}},
+        "selection": {"n_selected": 4, "rule": "paper"},
+    }
+    assert board.scalars(row) == {
+        "round/dice_mean": 0.5,
+        "round/bytes_up": 10.0,
+        "round/dropped_sites": 1.0,
+        "site/A/dice": 0.4,
+        "selection/n_selected": 4.0,
+    }
+    rundir = RunDirectory(tmp_path / "run")
+    rundir.board = board.MetricsBoard.open(tmp_path / "run" / "tensorboard")
+    rundir.append_metrics(row)
+    rundir.board.close()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("round/dice_mean")] == [0.5]
+    # without the package the server goes on without TensorBoard
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tb(name, *a, **k):
+        if name == "torch.utils.tensorboard":
+            raise ImportError("no tensorboard")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_tb)
+    assert board.MetricsBoard.open(tmp_path / "other") is None

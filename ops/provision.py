@@ -1,0 +1,390 @@
+"""Site kits: everything one hospital needs to join the federation, in one folder per site.
+
+``dsfedmed provision`` builds ``<out>/<site>/`` from a key set made by ``dsfedmed deploy keys``
+(:mod:`deploy.certs`; a site that is not in the key set is added with :func:`deploy.certs.add_site`)::
+
+    ca.pem               the federation's CA certificate (public; never the CA's key)
+    node.key             this site's private key (OpenSSH, ECDSA P-384), 0600
+    node.pub             its public key (what the SuperLink registers)
+    node-config.toml     the SuperNode's node config (data-dir, site-name, model, state-dir, ...)
+    start-supernode.sh   the exact flower-supernode command line
+    site.env             variables for docker compose
+    policy.toml          the site's policy, permissive defaults to tighten
+    README.md            for the site's operator: the files, what stays private, the commands
+    kit.json             fingerprints, CA validity, SuperLink address, creation time
+
+The kit holds no other site's key and never the CA key (tests check both). The folder is 0700.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.config import NodeConfig, parse_node_config
+from common.fileio import sha256_file
+from deploy.certs import SITE_NAME, CertError, _fingerprint, _private_dir, _ssh_fingerprint, _write, add_site
+from deploy.processes import toml_value
+
+KIT_FILES = (
+    "ca.pem",
+    "node.key",
+    "node.pub",
+    "node-config.toml",
+    "start-supernode.sh",
+    "site.env",
+    "policy.toml",
+    "README.md",
+    "kit.json",
+)
+RUNTIME_PORT = 9094  # the SuperNode's local runtime API (between the SuperNode and its executor)
+SUPERLINK_PORT = 8000  # docs/deploy.md's SuperLink port, used when no address is given
+ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+class ProvisionError(ValueError):
+    """The kit cannot be made: no key set, a kit that would be overwritten, bad input."""
+
+
+@dataclass(frozen=True)
+class KitSpec:
+    site: str
+    superlink_address: str = ""  # host:port as the site reaches the SuperLink
+    data_dir: str = ""  # the site's image/mask folder, as a path at the site
+    model: str = ""  # empty = the run's model
+    install_dir: str = ""  # where the kit folder will be at the site; empty = where it is written
+    runtime_port: int = RUNTIME_PORT
+
+
+@dataclass
+class Kit:
+    site: str
+    path: Path
+    command: list[str]  # flower-supernode with this kit's paths
+    added_to_keyset: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+
+def supernode_command(
+    superlink: str, ca: str | Path, key: str | Path, node_config: str | Path, port: int = RUNTIME_PORT
+) -> list[str]:
+    """The ``flower-supernode`` (Flower 1.42) command line of a deployed site: TLS verified against
+    the CA, requests signed with the site key, the node config from a TOML file (Flower reads a
+    ``--node-config`` ending in ``.toml`` as a file), the ClientApp in a subprocess."""
+    return [
+        "flower-supernode",
+        "--superlink", superlink,
+        "--root-certificates", str(ca),
+        "--auth-supernode-private-key", str(key),
+        "--node-config", str(node_config),
+        "--isolation", "subprocess",
+        "--host", "127.0.0.1",
+        "--port", str(port),
+    ]  # fmt: skip
+
+
+def _keyset(keys_dir: Path) -> dict:
+    manifest = keys_dir / "manifest.json"
+    if not manifest.is_file() or not (keys_dir / "ca" / "ca.crt").is_file():
+        raise ProvisionError(
+            f"{keys_dir} holds no key set (manifest.json, ca/ca.crt); make one with `dsfedmed deploy keys`"
+        )
+    return json.loads(manifest.read_text())
+
+
+def _default_address(manifest: dict) -> str:
+    sl = manifest.get("superlink", {})
+    host = next(iter(sl.get("san_hosts", []) + sl.get("san_ips", [])), "localhost")
+    host = f"[{host}]" if ":" in host else host
+    return f"{host}:{SUPERLINK_PORT}"
+
+
+def _address_warning(address: str, manifest: dict) -> str | None:
+    from deploy.probe import _host_port
+
+    try:
+        host, _ = _host_port(address)
+    except ValueError as exc:
+        raise ProvisionError(str(exc)) from None
+    sl = manifest.get("superlink", {})
+    names = sl.get("san_hosts", []) + sl.get("san_ips", [])
+    if names and host not in names:
+        return (
+            f"{host} is not a name in the SuperLink certificate ({', '.join(names)}): the site's TLS check "
+            "will fail; use one of those names or remake the key set with --san-host/--san-ip"
+        )
+    return None
+
+
+def node_config_toml(node: NodeConfig, site: str) -> str:
+    fields = {
+        "site-name": ("this site's name in the federation (logs, metrics, run directory)", node.site_name),
+        "data-dir": ("this site's folder with images/ and masks/ (matching file stems)", node.data_dir),
+        "model": ("the site's MONAI model; empty = the run's model", node.model),
+        "state-dir": ("where the site keeps its model, pool cache and audit log", node.state_dir),
+        "audit-log": ("JSON lines, one per reply this site sends; 'off' = none", node.audit_log),
+        "policy-file": ("what this site agrees to send (policy.toml in this kit)", node.policy_file),
+    }
+    lines = [
+        f"# SuperNode node config of site {site} (flower-supernode --node-config node-config.toml).",
+        "# Paths are as seen at the site. Other keys: device ('auto', 'cpu', 'cuda'), num-threads, cache-dir.",
+        "",
+    ]
+    for key, (doc, value) in fields.items():
+        lines += [f"# {doc}", f"{key} = {toml_value(value)}"]
+    return "\n".join(lines) + "\n"
+
+
+POLICY_TOML = """\
+# Site policy of {site}: what this site agrees to do and send. Read by the site's ClientApp
+# (node config policy-file). Every default below is permissive; tighten it, then restart the SuperNode.
+
+# message types this site answers; anything else is refused with a reason the server logs
+allowed-message-types = ["query.profile", "train", "evaluate", "train.generator", "evaluate.pool"]
+
+# the largest reply this site sends, in bytes (0 = no limit)
+max-reply-bytes = 0
+
+# whether this site trains a diffusion generator and sends its weights (pool-source 'generator');
+# false refuses train.generator (the server then falls back to another pool source)
+allow-generator-upload = true
+
+# whether this site sends model weights (method 'fedavg'/'fedfm', exchange 'weights'/'hybrid');
+# false leaves only the logits exchange
+allow-weights-upload = true
+
+# differential privacy of what the site sends (clip each update to `clip`, add Gaussian noise with
+# noise-multiplier x clip, account (epsilon, delta)); max-epsilon = 0.0 means no budget limit
+[dp]
+enabled = false
+clip = 1.0
+noise-multiplier = 1.0
+delta = 1e-5
+max-epsilon = 0.0
+
+# DP-SGD (opacus) when the site trains its diffusion generator
+[generator-dp]
+enabled = false
+noise-multiplier = 1.0
+max-grad-norm = 1.0
+delta = 1e-5
+"""
+
+
+def _site_env(spec: KitSpec, address: str, install: str, data_dir: str) -> str:
+    from importlib.metadata import version
+
+    lines = [
+        f"# docker compose variables of site {spec.site} (names as in docker/compose.yml and docker/.env.example)",
+        f"FLWR_VERSION={version('flwr')}",
+        "# cpu, or a CUDA tag such as cu128 with docker/compose.gpu.yml",
+        "TORCH_VARIANT=cpu",
+        f"SITE_NAME={spec.site}",
+        f"SUPERLINK_ADDRESS={address}",
+        "# this kit at the site (its ca.pem and node.key are mounted read-only into the SuperNode)",
+        f"KIT_DIR={install}",
+        "# the site's image/mask folder; mounted read-only into this site's executor only",
+        f"SITE_DATA={data_dir}",
+    ]
+    m = re.fullmatch(r"hospital-(\d+)", spec.site)
+    if m:
+        lines += [
+            "# the same folder under the one-host trial's name (docker/compose.yml)",
+            f"SITE{m[1]}_DATA={data_dir}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _readme(spec: KitSpec, install: str, address: str, cmd_here: str, node: NodeConfig, meta: dict) -> str:
+    key = f"{install}/node.key"
+    return f"""# DSFedMed site kit: {spec.site}
+
+Made by `dsfedmed provision` on {meta["created"]} for the federation whose SuperLink is
+`{address}`. Install it at `{install}` at the site (the paths in `node-config.toml` point
+there; edit them if you put it elsewhere).
+
+| file | what | private? |
+|---|---|---|
+| `ca.pem` | the federation's CA certificate: the SuperNode verifies the SuperLink with it | public |
+| `node.key` | this site's private key: the SuperNode signs its requests with it | **yes: never copy it off this site; mode 0600** |
+| `node.pub` | its public key, registered with the SuperLink by the coordinating site | public |
+| `node-config.toml` | the SuperNode's node config (data folder, site name, model, state, audit log, policy) | site-internal |
+| `start-supernode.sh` | the exact `flower-supernode` command line | site-internal |
+| `site.env` | the same settings as docker compose variables | site-internal |
+| `policy.toml` | what this site agrees to do and send; permissive defaults, tighten as needed | site-internal |
+| `kit.json` | fingerprints (CA {meta["ca"]["sha256"][:23]}..., site key {meta["site_key"]["ssh_fingerprint"]}), CA expiry ({meta["ca"]["not_after"][:10]}) | public |
+
+Your images and masks (`{node.data_dir or "set data-dir in node-config.toml"}`) stay here: what
+leaves the site is what the protocol sends (model outputs on synthetic images or model weights,
+metrics, and with pool-source 'generator' the generator's weights; docs/security.md), within
+`policy.toml`. The state folder `{node.state_dir}` holds the site's model and its audit log
+`{node.audit_log}`.
+
+## 1. Check the site
+
+```bash
+dsfedmed preflight site --kit {install}
+# the same, file by file:
+dsfedmed preflight site --node-config-file {install}/node-config.toml --root-certificates {install}/ca.pem \\
+  --auth-key {key} --superlink {address}
+```
+
+It checks the data folder (every file, class balance, sizes), that the model builds, the device,
+package versions, free disk, the CA certificate's validity, the key and its permissions, and that
+the SuperLink answers and its certificate verifies. Exit code 0: ready; 1: fix the `fail` rows first.
+
+## 2. Start the SuperNode
+
+```bash
+sh {install}/start-supernode.sh
+```
+
+which runs (nothing listens on the network: the SuperNode only connects out to `{address}`):
+
+```
+{cmd_here}
+```
+
+## 3. Audit what the site sent
+
+Every reply the site sends is logged, one JSON line each, in `{node.audit_log}`:
+
+```bash
+dsfedmed audit {node.audit_log}{f" --data-dir {node.data_dir}" if node.data_dir else ""}
+```
+
+summarises it (replies, bytes and refusals per run, round and message type) and, with
+`--data-dir`, checks that no array that left equals or is shaped like one of the site's images.
+"""
+
+
+def _existing_kit(kit: Path) -> list[str]:
+    return sorted(p.name for p in kit.iterdir()) if kit.is_dir() else []
+
+
+def provision(
+    keys_dir: str | Path, out: str | Path, specs: list[KitSpec], *, overwrite: bool = False
+) -> list[Kit]:
+    """Build one kit per spec under ``out``; checks every spec before writing anything."""
+    keys_dir, out = Path(keys_dir), Path(out)
+    manifest = _keyset(keys_dir)
+    if not specs:
+        raise ProvisionError("no site given: use --site NAME (repeat for each site)")
+    names = [s.site for s in specs]
+    if len(set(names)) != len(names):
+        raise ProvisionError(f"site names repeat: {names}")
+    for s in specs:
+        if not SITE_NAME.match(s.site):
+            raise ProvisionError(f"site name {s.site!r}: use letters, digits, '.', '_' or '-' (at most 64)")
+        present = _existing_kit(out / s.site)
+        if present and not overwrite:
+            raise ProvisionError(
+                f"{out / s.site} already holds a kit ({', '.join(present)}); pass --overwrite to replace it"
+            )
+        _address_warning(s.superlink_address or _default_address(manifest), manifest)  # validates
+        parse_node_config({"model": s.model, "data-dir": s.data_dir, "site-name": s.site})
+    _private_dir(out)
+    return [_make_kit(keys_dir, out, s) for s in specs]
+
+
+def _make_kit(keys_dir: Path, out: Path, spec: KitSpec) -> Kit:
+    from importlib.metadata import version
+
+    from cryptography import x509
+
+    added = False
+    site_keys = keys_dir / "sites" / spec.site
+    if not (site_keys / "node.pub").is_file():
+        try:
+            add_site(keys_dir, spec.site)
+        except CertError as exc:
+            raise ProvisionError(str(exc)) from None
+        added = True
+    manifest = _keyset(keys_dir)
+    address = spec.superlink_address or _default_address(manifest)
+    warnings = [w for w in (_address_warning(address, manifest),) if w]
+    if not spec.superlink_address:
+        warnings.append(f"no --superlink-address: the kit uses {address} (the certificate's first name)")
+
+    kit = out / spec.site
+    _private_dir(kit)
+    for name in KIT_FILES:  # --overwrite replaces the kit's own files, nothing else in the folder
+        (kit / name).unlink(missing_ok=True)
+    install = spec.install_dir or str(kit.resolve())
+    node = parse_node_config(
+        {
+            "site-name": spec.site,
+            "data-dir": spec.data_dir,
+            "model": spec.model,
+            "state-dir": f"{install}/state",
+            "audit-log": f"{install}/state/audit.jsonl",
+            "policy-file": f"{install}/policy.toml",
+        }
+    )
+
+    ca_pem = (keys_dir / "ca" / "ca.crt").read_bytes()
+    ca = x509.load_pem_x509_certificate(ca_pem)
+    public = (site_keys / "node.pub").read_bytes()
+    _write(kit / "ca.pem", ca_pem, private=False)
+    _write(kit / "node.pub", public, private=False)
+    if (site_keys / "node.key").is_file():
+        _write(kit / "node.key", (site_keys / "node.key").read_bytes(), private=True)
+    else:
+        warnings.append(
+            f"the key set holds only {spec.site}'s public key: the site puts its own node.key into the kit"
+        )
+    _write(kit / "node-config.toml", node_config_toml(node, spec.site).encode(), private=False)
+    _write(kit / "policy.toml", POLICY_TOML.format(site=spec.site).encode(), private=False)
+    _write(kit / "site.env", _site_env(spec, address, install, spec.data_dir).encode(), private=False)
+
+    script_cmd = supernode_command(address, "ca.pem", "node.key", "node-config.toml", spec.runtime_port)
+    env = " ".join(f"{k}={v}" for k, v in ENV.items())
+    script = (
+        "#!/bin/sh\n"
+        f"# Start site {spec.site}'s SuperNode with this kit (made by `dsfedmed provision`).\n"
+        f'# Check first: dsfedmed preflight site --kit "$(dirname "$0")"\n'
+        f'cd "$(dirname "$0")" && exec env {env} {shlex.join(script_cmd)}\n'
+    )
+    _write(kit / "start-supernode.sh", script.encode(), private=False)
+    os.chmod(kit / "start-supernode.sh", 0o755)
+
+    meta = {
+        "site": spec.site,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "made_by": "dsfedmed provision",
+        "versions": {"dsfedmed": version("dsfedmed"), "flwr": version("flwr")},
+        "superlink_address": address,
+        "install_dir": install,
+        "ca": {
+            "subject": ca.subject.rfc4514_string(),
+            "sha256": _fingerprint(ca),
+            "not_before": ca.not_valid_before_utc.isoformat(),
+            "not_after": ca.not_valid_after_utc.isoformat(),
+        },
+        "superlink_certificate": manifest.get("superlink", {}),
+        "site_key": {"ssh_fingerprint": _ssh_fingerprint(public), "public_key": public.decode().strip()},
+    }
+    here = kit.resolve()
+    cmd_here = supernode_command(
+        address, here / "ca.pem", here / "node.key", here / "node-config.toml", spec.runtime_port
+    )
+    at_site = supernode_command(
+        address, f"{install}/ca.pem", f"{install}/node.key", f"{install}/node-config.toml", spec.runtime_port
+    )
+    _write(
+        kit / "README.md",
+        _readme(spec, install, address, shlex.join(at_site), node, meta).encode(),
+        private=False,
+    )
+    meta["files"] = {
+        n: sha256_file(kit / n)
+        for n in KIT_FILES
+        if n not in ("node.key", "kit.json") and (kit / n).is_file()
+    }
+    _write(kit / "kit.json", (json.dumps(meta, indent=1) + "\n").encode(), private=False)
+    return Kit(spec.site, kit, cmd_here, added, warnings)
