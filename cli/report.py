@@ -9,7 +9,8 @@ import typer
 from rich.console import Console
 
 from common.runtime import configure_threads
-from ops.report import ReportError, SiteOptions, parse_node_config, write_report
+from ops.configs import read_node_config
+from ops.report import ReportError, SiteOptions, write_report
 
 console = Console()
 
@@ -61,7 +62,9 @@ def report(
     site = None
     if site_node_config is not None or site_state is not None:
         try:
-            node = parse_node_config(site_node_config or "")
+            text = (site_node_config or "").strip()
+            is_file = text.endswith(".toml") and Path(text).expanduser().is_file()
+            node = read_node_config("" if is_file else text, text if is_file else None)
         except (ReportError, ValueError) as exc:
             raise _fail(f"--site-node-config: {exc}") from exc
         site = SiteOptions(node, site_state, site_run_id, site_images, device)

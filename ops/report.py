@@ -18,72 +18,27 @@ operator only, and nothing of it leaves the machine.
 
 from __future__ import annotations
 
-import base64
-import html
 import io
 import json
 import re
-import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-# --- the document model: sections of blocks, rendered to HTML and to Markdown --------------------
-
-
-@dataclass
-class Para:
-    text: str
-
-
-@dataclass
-class Note:
-    text: str
-    kind: str = "note"  # note | warning | private
-
-
-@dataclass
-class Table:
-    header: list[str]
-    rows: list[list[str]]
-    caption: str = ""
-
-
-@dataclass
-class Figure:
-    name: str  # file name of the PNG next to the Markdown report
-    png: bytes
-    alt: str
-    caption: str = ""
-
-
-@dataclass
-class Gallery:
-    figures: list[Figure]
-
-
-@dataclass
-class Details:
-    summary: str
-    blocks: list
-
-
-@dataclass
-class Section:
-    id: str
-    title: str
-    blocks: list = field(default_factory=list)
-
-
-@dataclass
-class Document:
-    title: str
-    subtitle: str
-    sections: list[Section]
-    banner: Note | None = None
+from ops.document import (
+    Details,
+    Document,
+    Figure,
+    Note,
+    Para,
+    Section,
+    Table,
+    render_html,
+    render_markdown,
+)
 
 
 class ReportError(RuntimeError):
@@ -630,331 +585,6 @@ def _final_section(run: RunData) -> Section:
     return sec
 
 
-# --- site-only section ----------------------------------------------------------------------------
-
-
-def parse_node_config(text: str) -> dict[str, Any]:
-    """``key=value`` pairs as for ``flower-supernode --node-config`` (values are TOML literals; an
-    unquoted path is taken as a string), or the path of a ``.toml`` file."""
-    text = text.strip()
-    if text.endswith(".toml") and Path(text).expanduser().is_file():
-        return tomllib.loads(Path(text).expanduser().read_text())
-    out: dict[str, Any] = {}
-    for key, raw in re.findall(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)", text):
-        try:
-            out[key] = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            out[key] = raw
-    if text and not out:
-        raise ReportError(f"cannot read the site node config {text!r}: expected 'key=value key=value'")
-    return out
-
-
-def _run_config_obj(run: RunData):
-    from common.config import ConfigError, RunConfig
-
-    if not run.run_config:
-        raise ReportError(
-            f"{run.path / 'config.json'} is missing or has no run_config: the site's data cannot be found"
-        )
-    known = {f.alias or n for n, f in RunConfig.model_fields.items()}
-    try:
-        return RunConfig.parse(
-            {k: v for k, v in run.run_config.items() if k in known}, source="run config.json"
-        )
-    except ConfigError as exc:
-        raise ReportError(str(exc)) from None
-
-
-def _state_sites(state_dir: Path) -> list[str]:
-    return sorted({p.parent.name for p in state_dir.glob("run-*/*/model.pt")})
-
-
-def _site_model_path(run: RunData, state_dir: Path, site: str, run_id: int | None) -> tuple[Path, str]:
-    """The site's model.pt for this run: ``run_id`` if given; else a run whose state holds this run's
-    pool (latest first); else the latest run of the site."""
-    from ops.predict import PredictError, find_site_model
-
-    try:
-        if run_id is not None:
-            return find_site_model(state_dir, site, run_id), f"run {run_id} (as asked)"
-        pool_id = (run.summary.get("pool") or {}).get("id")
-        if pool_id:
-            matches = [
-                p / site / "model.pt"
-                for p in state_dir.glob("run-*")
-                if (p / site / "model.pt").is_file() and list((p / site).glob(f"pool-{pool_id}*.npz"))
-            ]
-            if matches:
-                best = max(matches, key=lambda p: p.stat().st_mtime_ns)
-                how = "the run whose state holds this run's synthetic pool"
-                if len(matches) > 1:
-                    how += f" (latest of {len(matches)}; choose with --site-run-id)"
-                return best, how
-        path = find_site_model(state_dir, site)
-        return path, "the site's latest run in the state dir (choose with --site-run-id)"
-    except PredictError as exc:
-        raise ReportError(str(exc)) from None
-
-
-def site_section(
-    run: RunData,
-    node_config: dict[str, Any],
-    state_dir: Path | None = None,
-    run_id: int | None = None,
-    max_images: int = 8,
-    device: str = "auto",
-) -> tuple[str, Section]:
-    """The site's own validation images with its own model's prediction (site name, section)."""
-    import torch
-    from PIL import Image
-
-    from common.config import ConfigError
-    from common.config import parse_node_config as parse_node
-    from common.data import SiteDataError, default_cache_dir
-    from common.metrics import per_image_scores
-    from common.runtime import resolve_device
-    from common.sites import load_site, resolve_site
-    from ops.predict import PredictError, load_model, overlay, predict_probs, resize_probs
-
-    cfg = _run_config_obj(run)
-    node_config = dict(node_config)
-    if state_dir is not None:
-        node_config["state-dir"] = str(state_dir)
-    state = Path(node_config.get("state-dir") or default_cache_dir() / "state").expanduser()
-    # a node config without data: the site is named in it, or is the only one in the state dir
-    if not any(k in node_config for k in ("data-dir", "phantom-id", "partition-id")):
-        site = node_config.get("site-name")
-        if not site:
-            found = _state_sites(state) if state.is_dir() else []
-            if len(found) != 1:
-                raise ReportError(
-                    f"which site? the state dir {state} holds models of {found or 'no site'}; "
-                    'give --site-node-config "site-name=... data-dir=..."'
-                )
-            site = found[0]
-        if cfg.data_root and (Path(cfg.data_root).expanduser() / site / "images").is_dir():
-            node_config["data-dir"] = str(Path(cfg.data_root).expanduser() / site)
-        elif not cfg.data_root and (m := re.fullmatch(r"phantom-(\d+)", site)):
-            node_config["phantom-id"] = int(m.group(1))
-        else:
-            raise ReportError(f'where are site {site}\'s images? give --site-node-config "data-dir=..."')
-        node_config.setdefault("site-name", site)
-    try:
-        node = parse_node(node_config)
-    except ConfigError as exc:
-        raise ReportError(str(exc)) from None
-
-    method, exchange = cfg.method, cfg.exchange
-    try:
-        if method == "fedfm":
-            raise ReportError("fedfm sites run the foundation model itself: no site model to render")
-        site = resolve_site(cfg, node).name  # the data folder's or phantom's name, or site-name
-        if method == "dsfedmed" and exchange == "logits":
-            path, how = _site_model_path(run, state, site, run_id)
-            # an older state has no model.json: the network the run says this site used
-            sidecar = (path.parent / "model.json").is_file()
-            used = (run.summary.get("site_models") or {}).get(site) or node.model or cfg.model_for(site)
-            sm = load_model(
-                path,
-                model=None if sidecar else used or cfg.model,
-                image_size=None if sidecar else cfg.image_size,
-            )
-            source = f"the site's own model {path} ({how})"
-        else:
-            path = run.path / "checkpoints" / "global_final.pt"
-            sm = load_model(path, model=cfg.model, image_size=cfg.image_size)
-            source = f"the federation's final global model {path}"
-        if sm.image_size != cfg.image_size:
-            cfg = cfg.model_copy(update={"image_size": sm.image_size})
-        data, split = load_site(cfg, node)
-        dev = resolve_device(device)
-    except (PredictError, SiteDataError, RuntimeError, ValueError) as exc:
-        if isinstance(exc, ReportError):
-            raise
-        raise ReportError(f"site section: {exc}") from None
-
-    sec = Section("site", f"Site only: {site}'s validation images with its model")
-    sec.blocks.append(
-        Note(
-            f"This section shows images of site {site}. It is for {site}'s operator only: it was made "
-            "on this machine from the site's own data and model, is not sent anywhere, and must not be "
-            "shared outside the site.",
-            "private",
-        )
-    )
-    val = list(split.get("val") or [])
-    if not val:
-        sec.blocks.append(Note(f"Site {site} has no validation images in this run's split."))
-        return site, sec
-    # scores over the whole validation split (as the run measured it); pictures of the first few
-    images, masks = data.subset(val)
-    model = sm.model.to(dev)
-    probs = torch.cat([predict_probs(model, images[i : i + 16], dev) for i in range(0, len(images), 16)])
-    dice, iou = per_image_scores(probs, torch.from_numpy(masks.astype(np.float32)))
-    idx = val[:max_images]
-    sec.blocks.append(
-        Para(
-            f"Model: {source}; network {sm.name}, {sm.image_size} px"
-            + (f", saved after round {sm.meta['round']}" if "round" in sm.meta else "")
-            + f". On its {len(val)} validation images: Dice (thresholds 0.1-0.9) "
-            f"{_num(float(dice.mean()))}, IoU {_num(float(iou.mean()))}; the first {len(idx)} are shown."
-        )
-    )
-    for n in sm.notes:
-        sec.blocks.append(Note(n, "warning"))
-    sec.blocks.append(
-        Para(
-            "Green tint and yellow outline: the model's prediction at threshold 0.5. Magenta outline: the "
-            "site's reference mask. Images as the model sees them (resized to the run's image size)."
-        )
-    )
-    disp = max(160, sm.image_size)
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", site)
-    figs = []
-    for k, i in enumerate(idx):
-        img = Image.fromarray(images[k].transpose(1, 2, 0)).resize((disp, disp), Image.Resampling.BILINEAR)
-        pred = resize_probs(probs[k], disp, disp) >= 0.5
-        truth = (
-            np.asarray(Image.fromarray(masks[k, 0] * 255).resize((disp, disp), Image.Resampling.NEAREST)) > 0
-        )
-        buf = io.BytesIO()
-        Image.fromarray(overlay(np.asarray(img), pred, truth)).save(buf, format="PNG")
-        stem = data.stems[i]
-        figs.append(
-            Figure(
-                f"report-site-{safe}-val-{re.sub(r'[^A-Za-z0-9_.-]', '_', stem)}.png",
-                buf.getvalue(),
-                f"{stem}: prediction over the image",
-                f"{stem} (Dice {_num(float(dice[k]))})",
-            )
-        )
-    sec.blocks.append(Gallery(figs))
-    return site, sec
-
-
-# --- rendering --------------------------------------------------------------------------------------
-
-_CSS = """
-body{font-family:-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:0;color:#1d2433;background:#f6f7f9}
-main{max-width:1100px;margin:0 auto;padding:24px}
-h1{margin:0 0 4px 0;font-size:26px}.sub{color:#5b6578;margin:0 0 18px 0}
-section{background:#fff;border:1px solid #dde1e8;border-radius:8px;padding:16px 20px;margin:0 0 18px 0}
-h2{font-size:19px;margin:0 0 12px 0}
-table{border-collapse:collapse;margin:8px 0 12px 0;font-size:13px}
-th,td{border:1px solid #dde1e8;padding:4px 8px;text-align:left;vertical-align:top}
-th{background:#eef1f5}tr:nth-child(even) td{background:#fafbfc}
-caption{caption-side:top;text-align:left;color:#5b6578;font-size:12px;padding:2px 0}
-figure{margin:8px 0}figure img{max-width:100%;border:1px solid #dde1e8}
-figcaption{color:#5b6578;font-size:12px}
-.gallery{display:flex;flex-wrap:wrap;gap:10px}.gallery figure{margin:0}
-.note{padding:8px 12px;border-radius:6px;margin:8px 0;background:#eef4ff;border-left:4px solid #5b8def}
-.warning{background:#fff6e5;border-left-color:#e5a100}
-.private{background:#fdecec;border-left-color:#d33;font-weight:600}
-nav a{margin-right:12px;font-size:13px}details{margin:8px 0}summary{cursor:pointer;color:#34425c}
-"""
-
-
-def _html_block(b, out: list[str]) -> None:
-    e = html.escape
-    if isinstance(b, Para):
-        out.append(f"<p>{e(b.text)}</p>")
-    elif isinstance(b, Note):
-        out.append(f'<div class="note {e(b.kind)}">{e(b.text)}</div>')
-    elif isinstance(b, Table):
-        out.append("<table>")
-        if b.caption:
-            out.append(f"<caption>{e(b.caption)}</caption>")
-        out.append("<thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in b.header) + "</tr></thead><tbody>")
-        for row in b.rows:
-            out.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>")
-        out.append("</tbody></table>")
-    elif isinstance(b, Figure):
-        data = base64.b64encode(b.png).decode("ascii")
-        cap = f"<figcaption>{e(b.caption)}</figcaption>" if b.caption else ""
-        out.append(f'<figure><img alt="{e(b.alt)}" src="data:image/png;base64,{data}">{cap}</figure>')
-    elif isinstance(b, Gallery):
-        out.append('<div class="gallery">')
-        for f in b.figures:
-            _html_block(f, out)
-        out.append("</div>")
-    elif isinstance(b, Details):
-        out.append(f"<details><summary>{e(b.summary)}</summary>")
-        for x in b.blocks:
-            _html_block(x, out)
-        out.append("</details>")
-    else:  # pragma: no cover - a programming error
-        raise TypeError(f"unknown block {b!r}")
-
-
-def render_html(doc: Document) -> str:
-    e = html.escape
-    out = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{e(doc.title)}</title><style>{_CSS}</style></head><body><main>",
-        f"<h1>{e(doc.title)}</h1>",
-        f'<p class="sub">{e(doc.subtitle)}</p>',
-    ]
-    if doc.banner:
-        _html_block(doc.banner, out)
-    out.append("<nav>" + "".join(f'<a href="#{e(s.id)}">{e(s.title)}</a>' for s in doc.sections) + "</nav>")
-    for s in doc.sections:
-        out.append(f'<section id="{e(s.id)}"><h2>{e(s.title)}</h2>')
-        for b in s.blocks:
-            _html_block(b, out)
-        out.append("</section>")
-    out.append("</main></body></html>\n")
-    return "\n".join(out)
-
-
-def _md_cell(text: str) -> str:
-    text = text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
-    return text.replace("<", "&lt;").replace(">", "&gt;")
-
-
-def _md_block(b, out: list[str], files: dict[str, bytes]) -> None:
-    if isinstance(b, Para):
-        out += [b.text, ""]
-    elif isinstance(b, Note):
-        label = {"warning": "Warning", "private": "Site only"}.get(b.kind, "Note")
-        out += [f"> **{label}:** {b.text}", ""]
-    elif isinstance(b, Table):
-        if b.caption:
-            out += [f"*{b.caption}*", ""]
-        out.append("| " + " | ".join(_md_cell(h) or " " for h in b.header) + " |")
-        out.append("|" + "|".join("---" for _ in b.header) + "|")
-        out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in b.rows]
-        out.append("")
-    elif isinstance(b, Figure):
-        files[b.name] = b.png
-        out += [f"![{b.alt}]({b.name})", ""]
-        if b.caption:
-            out += [f"*{b.caption}*", ""]
-    elif isinstance(b, Gallery):
-        for f in b.figures:
-            _md_block(f, out, files)
-    elif isinstance(b, Details):
-        out += [f"**{b.summary}**", ""]
-        for x in b.blocks:
-            _md_block(x, out, files)
-    else:  # pragma: no cover
-        raise TypeError(f"unknown block {b!r}")
-
-
-def render_markdown(doc: Document) -> tuple[str, dict[str, bytes]]:
-    """The Markdown text and the PNG files it links to (name -> bytes)."""
-    out, files = [f"# {doc.title}", "", doc.subtitle, ""], {}
-    if doc.banner:
-        _md_block(doc.banner, out, files)
-    for s in doc.sections:
-        out += [f"## {s.title}", ""]
-        for b in s.blocks:
-            _md_block(b, out, files)
-    return "\n".join(out).rstrip() + "\n", files
-
-
 # --- the whole report -------------------------------------------------------------------------------
 
 
@@ -971,6 +601,8 @@ def build_report(run: RunData, site: SiteOptions | None = None) -> tuple[Documen
     """The document and the base name of its files (``report``, or ``report-site-<site>``)."""
     site_name, site_sec = (None, None)
     if site is not None:
+        from ops.report_site import site_section
+
         site_name, site_sec = site_section(
             run, site.node_config, site.state_dir, site.run_id, site.max_images, site.device
         )

@@ -130,6 +130,32 @@ def test_tls_trial_with_node_auth_refused_rogue_and_a_site_killed_mid_run(tmp_pa
     assert set(summary["pool"]["generators"]) == {"site-0", "site-2"}
     assert "policy allow-generator-upload" in summary["pool"]["generator_errors"]["site-1"]
     _audit_proves_no_site_data_left(trial.work, folders)
+    _report_and_predict_at_site_0(tmp_path, run_dir, trial.work / "sites" / "site-0" / "state", folders)
+
+
+def _report_and_predict_at_site_0(tmp_path, run_dir, state, folders):
+    """The operator's last steps on this real run: the server's report, site-0's own report with
+    overlays of its validation images (written at the site), and prediction with its model."""
+    from html.parser import HTMLParser
+
+    res = CliRunner().invoke(app, ["report", str(run_dir), "--out", str(tmp_path / "report")])
+    assert res.exit_code == 0, res.output
+    html = (tmp_path / "report" / "report.html").read_text()
+    HTMLParser().feed(html)
+    assert all(f"site-{i}" in html for i in range(3)) and "data:image/png;base64," in html
+    node = f"data-dir='{folders['site-0']}' site-name='site-0' state-dir='{state}'"
+    res = CliRunner().invoke(
+        app, ["report", str(run_dir), "--out", str(tmp_path / "site-report"), "--site-node-config", node]
+    )
+    assert res.exit_code == 0, res.output
+    assert list((tmp_path / "site-report").glob("report-site-site-0.*"))
+    res = CliRunner().invoke(
+        app,
+        ["predict", "--state-dir", str(state), "--site", "site-0", "--images", str(folders["site-0"] / "images"),
+         "--out", str(tmp_path / "pred")],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert len(list((tmp_path / "pred").glob("*_mask.png"))) == 16
 
 
 def _audit_proves_no_site_data_left(work, folders):

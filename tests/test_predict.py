@@ -22,22 +22,15 @@ from common.splits import make_splits
 SIZE = 32
 RUN_ID = 5
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def _invoke(*args: str):
     return CliRunner().invoke(app, ["predict", *args], env={"COLUMNS": "200"})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The test machine's cores are shared: torch's default thread pool makes this 30x slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, _one_thread):
+def trained(tmp_path_factory, one_torch_thread):
     """A site model trained briefly on phantom-0 and saved as the ClientApp saves it."""
     torch.manual_seed(0)
     site = phantom_site(0, 16, SIZE, seed=0)

@@ -449,7 +449,7 @@ def test_server_bad_run_config_fails_and_names_the_key():
 
 
 def test_node_config_from_flower_string_matches_parse_node_config(phantom_folder):
-    from ops.preflight import read_node_config
+    from ops.configs import read_node_config
 
     raw = read_node_config(f"data-dir='{phantom_folder}' site-name='a' num-threads=2")
     assert parse_node_config(raw).num_threads == 2 and raw["site-name"] == "a"

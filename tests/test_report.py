@@ -17,23 +17,15 @@ from typer.testing import CliRunner
 
 from cli.main import app
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 FIXTURE = Path(__file__).parent / "fixtures" / "report-run"
 SITES = ("phantom-0", "phantom-1")
 SECTIONS = {"run", "final", "dice", "traffic", "selection", "problems", "pool"}
 RUN_ID = 3680060487948603096  # the Flower run id of the fixture's run
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Shared cores: torch's default thread pool is many times slower here (restored afterwards)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, _one_thread):
+def run(tmp_path_factory, one_torch_thread):
     """(run dir, the sites' state dir, {site: validation Dice of its model}).
 
     Each site's model is trained briefly here on the site's own data (the run's config and split)
@@ -241,7 +233,7 @@ def test_site_only_section_with_the_site_option(run, tmp_path):
         "--out",
         str(out),
         "--site-node-config",
-        f"partition-id=0 state-dir={state}",
+        f"partition-id=0 state-dir='{state}'",
     )
     assert res.exit_code == 0, res.output
     assert "operator only" in res.output
@@ -293,7 +285,11 @@ def test_site_section_of_a_weights_run_uses_the_global_checkpoint(run, tmp_path)
 def test_site_option_errors_are_clear(run, tmp_path):
     run_dir, state, _ = run
     res = _report(
-        str(run_dir), "--out", str(tmp_path / "r"), "--site-node-config", "partition-id=0 state-dir=/nowhere"
+        str(run_dir),
+        "--out",
+        str(tmp_path / "r"),
+        "--site-node-config",
+        "partition-id=0 state-dir='/nowhere'",
     )
     assert res.exit_code == 2 and "/nowhere" in res.output
     # the state dir alone: it holds two sites, so the report asks which
@@ -307,7 +303,7 @@ def test_site_option_errors_are_clear(run, tmp_path):
         "--site-state",
         str(state),
         "--site-node-config",
-        "site-name=phantom-1",
+        "site-name='phantom-1'",
     )
     assert res.exit_code == 0, res.output
     assert (tmp_path / "r" / "report-site-phantom-1.html").is_file()
