@@ -14,7 +14,6 @@ import traceback
 from collections.abc import Callable
 from dataclasses import replace
 
-import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -25,7 +24,7 @@ from client_app.privacy import PrivacyLedger, privatize_probs
 from client_app.state import SiteStore
 from client_app.trainer import SiteTrainer, TrainSettings
 from common import protocol as P
-from common.codec import decode_probs, encode_probs, from_array_record, message_nbytes, to_array_record
+from common.codec import encode_probs, message_nbytes, to_array_record
 from common.config import ConfigError, NodeConfig, RunConfig, parse_node_config, parse_run_config
 from common.data import SiteDataError
 from common.foundation import PromptFreeSegmenter, load_foundation_model
@@ -34,6 +33,14 @@ from common.losses import DistillWeights
 from common.runtime import configure_threads, package_versions, resolve_device, setup_logging
 from common.sites import load_site, resolve_site
 from common.transforms import resize_pairs
+from common.validation import (
+    PayloadInvalid,
+    check_pool,
+    check_pool_record,
+    check_probs_record,
+    check_request_bytes,
+    decode_record,
+)
 
 log = logging.getLogger("dsfedmed.client")
 app = ClientApp()
@@ -125,6 +132,7 @@ def _guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Messag
 
 def _answer(handler: Callable[[Message, Context], Message], msg: Message, context: Context) -> Message:
     try:
+        _check_request(msg, context)
         return handler(msg, context)
     except PolicyViolation:
         raise
@@ -137,6 +145,13 @@ def _answer(handler: Callable[[Message, Context], Message], msg: Message, contex
     except Exception as exc:  # noqa: BLE001 - any other failure still gets a clear reply
         log.error("handler %s failed:\n%s", msg.metadata.message_type, traceback.format_exc())
         return _error(msg, ERR_INTERNAL, f"{type(exc).__name__}: {exc}")
+
+
+def _check_request(msg: Message, context: Context) -> None:
+    """The size gate every request passes before a handler decodes it: a pool or soft targets larger
+    than the run config allows (:func:`common.validation.check_request_bytes`) is refused unread."""
+    if msg.content.array_records:
+        check_request_bytes(msg.content, parse_run_config(context.run_config))
 
 
 def _site_name(context: Context, node: NodeConfig) -> str:
@@ -152,6 +167,18 @@ def _error(msg: Message, code: int, reason: str) -> Message:
     return Message(Error(code=code, reason=reason), reply_to=msg)
 
 
+def _state_key(msg: Message, context: Context) -> int:
+    """The name this run's site state is kept under: the server's state key (a resumed run keeps
+    the interrupted run's), else this Flower run's id."""
+    cfg = msg.content.config_records.get(P.KEY_CONFIG)
+    key = cfg.get(P.CFG_STATE_KEY) if cfg is not None else None
+    if key is None:
+        return int(context.run_id)
+    if not isinstance(key, int) or isinstance(key, bool) or key < 0:
+        raise PayloadError(f"'{P.CFG_STATE_KEY}' must be a non-negative integer, got {key!r}")
+    return key
+
+
 def _config(msg: Message) -> ConfigRecord:
     if P.KEY_CONFIG not in msg.content.config_records:
         raise PayloadError(f"message has no '{P.KEY_CONFIG}' config record")
@@ -161,7 +188,7 @@ def _config(msg: Message) -> ConfigRecord:
 def _weights(msg: Message) -> dict:
     if P.KEY_ARRAYS not in msg.content.array_records:
         raise PayloadError(f"message has no '{P.KEY_ARRAYS}' array record")
-    return from_array_record(msg.content.array_records[P.KEY_ARRAYS])
+    return decode_record(msg.content.array_records[P.KEY_ARRAYS], f"'{P.KEY_ARRAYS}' record")
 
 
 @app.query("profile")
@@ -223,7 +250,9 @@ def evaluate(msg: Message, context: Context) -> Message:
         raise PayloadError(f"unknown split {split!r}; expected one of {', '.join(P.SPLITS)}")
     if _own_model(run) and P.KEY_ARRAYS not in msg.content.array_records:
         tr = _trainer(run, node)
-        saved = SiteStore(node.state_dir, context.run_id, tr.site.name).load_model()
+        # the model after this round's training (newest snapshot up to this round)
+        store = SiteStore(node.state_dir, _state_key(msg, context), tr.site.name)
+        saved = store.load_model(before_round=int(cfg.get(P.CFG_ROUND, 0)) + 1)
         if saved is not None:
             tr.set_weights(saved)
     else:
@@ -281,20 +310,8 @@ def _pool_arrays(
             raise PayloadError(
                 f"message says the pool is included ({included}) but has no '{P.KEY_POOL}' record"
             )
-        rec = msg.content.array_records[P.KEY_POOL]
-        images, masks = rec[P.ARR_IMAGES].numpy(), rec[P.ARR_MASKS].numpy()
-        if (
-            images.dtype != np.uint8
-            or images.ndim != 4
-            or images.shape[1] != 3
-            or images.shape[2] != images.shape[3]
-            or images.shape[2] < 8
-        ):
-            raise PayloadError(
-                f"pool images must be uint8 (N,3,S,S) with S >= 8, got {images.dtype} {images.shape}"
-            )
-        if masks.shape != (images.shape[0], 1, *images.shape[2:]) or masks.max(initial=0) > 1:
-            raise PayloadError(f"pool masks must be {{0,1}} uint8 (N,1,S,S), got {masks.shape}")
+        # its byte size was bounded by _check_request; here its arrays, shapes and mask values
+        images, masks = check_pool_record(msg.content.array_records[P.KEY_POOL])
         if included == "selected":
             if selected is None or len(images) != len(selected):
                 raise PayloadError(
@@ -309,6 +326,12 @@ def _pool_arrays(
                 f"synthetic pool {pool_id} is not cached at this site; the server must resend it"
             )
         images, masks = cached
+        try:  # a damaged copy on disk is as good as none: the server resends the pool
+            check_pool(images, masks, what=f"cached pool {pool_id}")
+        except PayloadInvalid as exc:
+            raise PayloadError(
+                f"synthetic pool {pool_id} is not cached at this site ({exc}); the server must resend it"
+            ) from None
     if selected is None:
         return resize_pairs(images, masks, size)
     if max(selected, default=-1) >= len(images) or min(selected, default=0) < 0:
@@ -323,7 +346,7 @@ def evaluate_pool(msg: Message, context: Context) -> Message:
     run, node = _setup(context)
     cfg = _config(msg)
     tr = _trainer(run, node)
-    store = SiteStore(node.state_dir, context.run_id, tr.site.name)
+    store = SiteStore(node.state_dir, _state_key(msg, context), tr.site.name)
     images, masks = _pool_arrays(msg, store, str(cfg.get(P.CFG_POOL_ID, "")), None, "all", run.image_size)
     settings = TrainSettings(run.pool_score_epochs, run.batch_size, run.learning_rate, run.augment, run.seed)
     res = tr.pool_score(images, masks, settings)
@@ -344,11 +367,19 @@ def _train_dsfedmed(msg: Message, context: Context, run: RunConfig, node: NodeCo
     if bootstrap and not own:
         raise PayloadError("stage 'bootstrap' exists in logits exchange only")
     tr = _trainer(run, node, model=None if own else str(cfg.get(P.CFG_MODEL, "")) or None)
-    store = SiteStore(node.state_dir, context.run_id, tr.site.name)
-    if own:
-        saved = store.load_model()
+    store = SiteStore(node.state_dir, _state_key(msg, context), tr.site.name)
+    if own:  # continue from the state before this round (the same state if the round is asked again)
+        saved = store.load_state(before_round=server_round)
         if saved is not None:
-            tr.set_weights(saved)
+            tr.set_weights(saved[0])
+            tr.optim_states = dict(saved[1])
+        done = [r for r in store.snapshots() if r < server_round]
+        log.info(
+            "%s: round %d starts from %s",
+            tr.site.name,
+            server_round,
+            f"its state after round {max(done)}" if done else "its initial model",
+        )
     else:
         tr.set_weights(_weights(msg))
     syn_images, syn_masks = _pool_arrays(
@@ -359,12 +390,8 @@ def _train_dsfedmed(msg: Message, context: Context, run: RunConfig, node: NodeCo
         str(cfg.get(P.CFG_POOL_INCLUDED, "selected")),
         run.image_size,
     )
-    if P.KEY_SOFT not in msg.content.array_records:
-        raise PayloadError(f"message has no '{P.KEY_SOFT}' record")
-    teacher = decode_probs(
-        msg.content.array_records[P.KEY_SOFT][P.ARR_PROBS].numpy(),
-        expected_n=len(selected),
-        expected_size=run.logit_size,
+    teacher = check_probs_record(
+        msg.content.array_records.get(P.KEY_SOFT), len(selected), run.logit_size, key=P.KEY_SOFT
     )
     settings = TrainSettings.from_run(run, server_round)
     if bootstrap:
@@ -380,11 +407,14 @@ def _train_dsfedmed(msg: Message, context: Context, run: RunConfig, node: NodeCo
     weights = tr.get_weights()
     store.save_model(
         weights,
-        {
+        server_round=server_round,
+        optim=tr.optim_states if own else None,
+        meta={
             "model": tr.model_name,
             "in-channels": int(tr.site.images.shape[1]),
             "image-size": run.image_size,
             "run-id": int(context.run_id),
+            "state-key": _state_key(msg, context),
             "site": tr.site.name,
             "round": server_round,
             "stage": "bootstrap" if bootstrap else "train",

@@ -91,6 +91,17 @@ class SiteTrainer:
         self.model = model.to(device)
         self.exchanged: torch.nn.Module = getattr(self.model, "exchanged_module", self.model)
         self.loss_fn = DiceCELoss(sigmoid=True)
+        # Adam states by step ("local", "distill"); a site that keeps its own model keeps these too
+        self.optim_states: dict[str, dict] = {}
+
+    def _optimizer(self, kind: str, lr: float) -> torch.optim.Optimizer:
+        """Adam for one kind of step, continuing from its saved state (at this round's lr)."""
+        opt = torch.optim.Adam(self.model.parameters(), lr=lr)
+        if kind in self.optim_states:
+            opt.load_state_dict(self.optim_states[kind])
+            for group in opt.param_groups:
+                group["lr"] = lr
+        return opt
 
     # --- weights -----------------------------------------------------------------------------
     def get_weights(self) -> dict[str, np.ndarray]:
@@ -123,7 +134,7 @@ class SiteTrainer:
         loader = DataLoader(
             ds, batch_size=min(s.batch_size, len(ds)), shuffle=True, generator=gen, drop_last=False
         )
-        opt = torch.optim.Adam(self.model.parameters(), lr=s.learning_rate)
+        opt = self._optimizer("local", s.learning_rate)
         self.model.train()
         total, steps = 0.0, 0
         progress = _EpochLog(self.site.name, "local training", s.epochs)
@@ -148,6 +159,7 @@ class SiteTrainer:
                 total += float(loss.detach())
                 steps += 1
             progress.epoch(epoch, total / max(steps, 1), steps)
+        self.optim_states["local"] = opt.state_dict()
         return {
             "train-loss": total / max(steps, 1),
             "num-examples": len(ds),
@@ -177,7 +189,7 @@ class SiteTrainer:
         gen = torch.Generator().manual_seed(s.seed + 1)
         x_all = to_float_batch(syn_images)
         m_all = torch.from_numpy(syn_masks.astype(np.float32))
-        opt = torch.optim.Adam(self.model.parameters(), lr=s.learning_rate)
+        opt = self._optimizer("distill", s.learning_rate)
         self.model.train()
         total, steps = 0.0, 0
         bs = max(2, min(s.batch_size, len(x_all)))
@@ -199,6 +211,7 @@ class SiteTrainer:
                 total += float(loss.detach())
                 steps += 1
             progress.epoch(epoch, total / max(steps, 1), steps)
+        self.optim_states["distill"] = opt.state_dict()
         out["distill-loss"] = total / max(steps, 1)
         out["distill-steps"] = steps
         out["seconds"] = time.time() - t0
@@ -210,10 +223,12 @@ class SiteTrainer:
         """How much a synthetic pool is worth here: validation Dice of this site's (fresh) model
         trained on the pool alone, against the same model trained on as many of its real images."""
         start = self.get_weights()
+        self.optim_states.clear()  # both models start fresh: same weights, new optimiser
         self.train(s, pool_images, pool_masks)
         d_pool = self.evaluate("val")["dice"]
         n_real = min(len(pool_images), len(self.split["train"]))
         self.set_weights(start)
+        self.optim_states.clear()
         real_imgs, real_masks = self.site.subset(self.split["train"][:n_real])
         self.train(s, real_imgs, real_masks)
         d_real = self.evaluate("val")["dice"]

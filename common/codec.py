@@ -54,22 +54,24 @@ def encode_probs(probs, size: int, dtype: str) -> np.ndarray:
 
 
 def decode_probs(arr: np.ndarray, expected_n: int | None = None, expected_size: int | None = None):
-    """Inverse of :func:`encode_probs`, validating dtype, shape and range; returns float32 torch."""
+    """Inverse of :func:`encode_probs`, validating dtype, shape and range; returns float32 torch.
+
+    Dtype, shape and values are checked on the array as received, before it is converted, so a
+    wrong or oversized array costs no float32 copy. ``common.validation.check_probs`` wraps this
+    with the record's name; both ends use it."""
     import torch
 
     arr = np.asarray(arr)
-    if arr.dtype == np.uint8:
-        out = arr.astype(np.float32) / 255.0
-    elif arr.dtype == np.float16:
-        out = arr.astype(np.float32)
-    else:
+    if arr.dtype not in (np.uint8, np.float16):
         raise ValueError(f"probabilities must be uint8 or float16, got {arr.dtype}")
-    if out.ndim != 4 or out.shape[1] != 1:
-        raise ValueError(f"probabilities must have shape (N,1,S,S), got {out.shape}")
-    if expected_n is not None and out.shape[0] != expected_n:
-        raise ValueError(f"expected probabilities for {expected_n} samples, got {out.shape[0]}")
-    if expected_size is not None and out.shape[-2:] != (expected_size, expected_size):
-        raise ValueError(f"expected {expected_size}x{expected_size} probabilities, got {out.shape[-2:]}")
-    if not np.isfinite(out).all() or out.min() < 0 or out.max() > 1:
+    if arr.ndim != 4 or arr.shape[1] != 1:
+        raise ValueError(f"probabilities must have shape (N,1,S,S), got {arr.shape}")
+    if expected_n is not None and arr.shape[0] != expected_n:
+        raise ValueError(f"expected probabilities for {expected_n} samples, got {arr.shape[0]}")
+    if expected_size is not None and arr.shape[-2:] != (expected_size, expected_size):
+        raise ValueError(f"expected {expected_size}x{expected_size} probabilities, got {arr.shape[-2:]}")
+    if arr.dtype == np.uint8:
+        return torch.from_numpy(arr.astype(np.float32) / 255.0)
+    if not np.isfinite(arr).all() or arr.min(initial=0) < 0 or arr.max(initial=0) > 1:
         raise ValueError("probabilities hold non-finite or out-of-range values")
-    return torch.from_numpy(out)
+    return torch.from_numpy(arr.astype(np.float32))

@@ -165,7 +165,12 @@ class RunConfig(_Strict):
     # sampling and deadlines
     min_sites: int = Field(2, ge=1)
     sampling_deadline_s: float = Field(120.0, gt=0.0)
-    round_timeout_s: float = Field(900.0, gt=0.0)
+    round_timeout_s: float = Field(
+        900.0, gt=0.0, description="a site's compute time per request; transfer time is added per payload"
+    )
+    link_mbps: float = Field(
+        10.0, gt=0.0, description="the slowest site link assumed (Mbit/s): sizes each send's deadline"
+    )
     holdout_site: str = ""
     holdout_epochs: int = Field(
         3,
@@ -178,6 +183,10 @@ class RunConfig(_Strict):
     tensorboard: bool = Field(True, description="also write per-round metrics for TensorBoard when installed")
     runs_root: str = "runs"
     run_dir: str = ""
+    resume_from: str = Field("", description="a run directory whose run to continue at its next round")
+    pause_after_round: int = Field(
+        0, ge=0, description="stop cleanly after this round's checkpoint (resume later); 0 = never"
+    )
     device: Device = "auto"
     num_threads: int = Field(1, ge=1, le=256, description="torch threads per site process")
     server_threads: int = Field(

@@ -1,7 +1,10 @@
 """Site data: an ``images/`` + ``masks/`` folder with matching file stems.
 
 Loading validates every pair and reports problems per file (missing mask, unreadable or
-truncated image, size mismatch, multi-channel or unexpected mask values, empty folder).
+truncated image, an entry named like an image that is not a regular file, a duplicate stem, size
+mismatch, multi-channel or unexpected mask values, empty folder).  Whatever a decoder raises on a
+damaged file becomes a report line, never an exception out of the loader: the loader raises
+:class:`SiteDataError` only (missing or unlistable folder, empty folder, strict mode, nothing usable).
 ``strict=True`` fails on the first report; the default skips bad pairs and records them in the
 :class:`DataReport`, which travels with the loaded arrays so operators can see what was dropped.
 
@@ -26,7 +29,7 @@ from common.fileio import atomic_savez
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 MAX_LABEL = 10  # masks may hold small integer labels 0..MAX_LABEL; foreground = label > 0
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: entries that are not regular files and duplicate stems are reported
 
 
 class SiteDataError(RuntimeError):
@@ -100,12 +103,44 @@ class SiteArrays:
         return self.images[idx], self.masks[idx]
 
 
-def _list_files(folder: Path) -> dict[str, Path]:
-    out: dict[str, Path] = {}
-    for p in sorted(folder.iterdir()):
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."):
-            out.setdefault(p.stem, p)
+@dataclass
+class _Listing:
+    """A sub-folder's image files by stem, and the entries named like images that cannot be used,
+    each with its reason: not a regular file (a directory, a broken link), or one of several files
+    of the same stem (which of them pairs with the mask is ambiguous, so none does)."""
+
+    files: dict[str, Path]
+    odd: list[tuple[Path, str]]
+
+
+def _list_files(folder: Path, kind: str) -> _Listing:
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as exc:  # unreadable (permissions) or gone since the folder check
+        raise SiteDataError(f"cannot list {folder}: {exc}") from None
+    out, by_stem = _Listing({}, []), {}
+    for p in entries:
+        if p.name.startswith(".") or p.suffix.lower() not in IMAGE_EXTS:
+            continue
+        if not p.is_file():
+            out.odd.append((p, f"unreadable or truncated {kind}: not a regular file"))
+        else:
+            by_stem.setdefault(p.stem, []).append(p)
+    for stem, paths in by_stem.items():
+        if len(paths) == 1:
+            out.files[stem] = paths[0]
+        else:
+            names = ", ".join(q.name for q in paths)
+            out.odd += [(q, f"duplicate stem {stem!r}: {names}") for q in paths]
     return out
+
+
+def _why(exc: BaseException) -> str:
+    """An exception as a report line: its message, or its type when it has none."""
+    text = str(exc).strip()
+    if isinstance(exc, UnidentifiedImageError | OSError | ValueError) and text:
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def read_image(path: Path) -> Image.Image:
@@ -155,11 +190,16 @@ def _resize_pair(img: Image.Image, mask01: np.ndarray, size: int) -> tuple[np.nd
     return prepare_image(img, size), (np.asarray(m)[None] >= 128).astype(np.uint8)
 
 
-def _fingerprint(folder: Path, files: list[Path], image_size: int) -> str:
+def _fingerprint(folder: Path, files: list[Path], odd: list[Path], image_size: int) -> str:
     h = hashlib.sha256(f"v{CACHE_VERSION}|{folder.resolve()}|{image_size}|{MAX_LABEL}".encode())
     for p in files:
-        st = p.stat()
-        h.update(f"|{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        try:
+            st = p.stat()
+        except OSError as exc:  # removed (or made unreadable) between listing and now
+            raise SiteDataError(f"site data in {folder} changed while it was read: {exc}") from None
+        h.update(f"|{p.parent.name}/{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    for p in odd:
+        h.update(f"|odd:{p.parent.name}/{p.name}".encode())
     return h.hexdigest()[:24]
 
 
@@ -186,14 +226,16 @@ def load_site_folder(
     for d in (img_dir, mask_dir):
         if not d.is_dir():
             raise SiteDataError(f"site folder {folder} has no '{d.name}/' sub-folder")
-    images, masks = _list_files(img_dir), _list_files(mask_dir)
-    if not images:
+    img_list, mask_list = _list_files(img_dir, "image"), _list_files(mask_dir, "mask")
+    images, masks = img_list.files, mask_list.files
+    if not images and not img_list.odd:
         raise SiteDataError(f"empty folder: no image files ({', '.join(IMAGE_EXTS)}) in {img_dir}")
     name = name or folder.name
 
     cache_file = None
     if cache_dir is not None:
-        fp = _fingerprint(folder, list(images.values()) + list(masks.values()), image_size)
+        odd = [p for p, _ in img_list.odd + mask_list.odd]
+        fp = _fingerprint(folder, list(images.values()) + list(masks.values()), odd, image_size)
         cache_file = Path(cache_dir) / f"site-{fp}-{'strict' if strict else 'skip'}.npz"
         if cache_file.is_file():
             try:
@@ -212,22 +254,29 @@ def load_site_folder(
 
     report = DataReport(str(folder), n_images=len(images), n_masks=len(masks))
     out_img, out_mask, stems, chans = [], [], [], []
-    for stem in sorted(set(masks) - set(images)):
+    for p, why in img_list.odd + mask_list.odd:
+        report.add(p, why)
+    dup_images, dup_masks = (
+        {p.stem for p, why in listing.odd if why.startswith("duplicate stem")}
+        for listing in (img_list, mask_list)
+    )
+    for stem in sorted(set(masks) - set(images) - dup_images):
         report.add(masks[stem], "mask without image")
     for stem, ipath in images.items():
         mpath = masks.get(stem)
         if mpath is None:
-            report.add(ipath, "missing mask")
+            if stem not in dup_masks:  # else its masks are reported as duplicates
+                report.add(ipath, "missing mask")
             continue
         try:
             img = read_image(ipath)
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            report.add(ipath, f"unreadable or truncated image: {exc}")
+        except Exception as exc:  # noqa: BLE001 - a decoder may fail any way on a damaged file
+            report.add(ipath, f"unreadable or truncated image: {_why(exc)}")
             continue
         try:
             mimg = read_image(mpath)
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            report.add(mpath, f"unreadable or truncated mask: {exc}")
+        except Exception as exc:  # noqa: BLE001
+            report.add(mpath, f"unreadable or truncated mask: {_why(exc)}")
             continue
         if img.size != mimg.size:
             report.add(mpath, f"mask/image size mismatch: image {img.size}, mask {mimg.size}")
@@ -237,7 +286,11 @@ def load_site_folder(
         except ValueError as exc:
             report.add(mpath, str(exc))
             continue
-        a, m = _resize_pair(img, m01, image_size)
+        try:
+            a, m = _resize_pair(img, m01, image_size)
+        except Exception as exc:  # noqa: BLE001 - e.g. an image mode PIL cannot convert to RGB
+            report.add(ipath, f"unreadable or truncated image: cannot convert {img.mode} image: {_why(exc)}")
+            continue
         chans.append(1 if img.mode in ("L", "I", "I;16", "F", "1", "LA") else 3)
         out_img.append(a)
         out_mask.append(m)

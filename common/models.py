@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.validation import check_weights
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -117,26 +119,20 @@ def build_model(name: str, in_channels: int = 3, out_channels: int = 1) -> nn.Mo
 
 
 def load_weights(model: nn.Module, weights: dict[str, np.ndarray], name: str = "model") -> None:
-    """Load a ``{name: array}`` state dict after checking it fits: same keys, same shapes, finite.
+    """Load a ``{name: array}`` state dict after checking it fits (same keys, same shapes, real
+    dtypes, finite: :func:`common.validation.check_weights`, the check the server applies too).
 
     Flower serialises 0-d tensors (batch-norm counters) as shape (1,); they are restored here.
     """
     own = model.state_dict()
-    missing = sorted(set(own) - set(weights))
-    extra = sorted(set(weights) - set(own))
-    if missing or extra:
-        raise ValueError(f"weights do not fit model {name!r}: missing {missing[:3]}, unexpected {extra[:3]}")
-    new = {}
+    arrays = {k: np.asarray(v) for k, v in weights.items()}
     for k, ref in own.items():
-        arr = np.asarray(weights[k])
-        if ref.dim() == 0 and arr.size == 1:
-            arr = arr.reshape(())
-        if tuple(arr.shape) != tuple(ref.shape):
-            raise ValueError(f"weight {k!r} has shape {arr.shape}, model {name!r} needs {tuple(ref.shape)}")
-        if not np.isfinite(arr).all():
-            raise ValueError(f"weight {k!r} holds non-finite values")
-        new[k] = torch.from_numpy(np.ascontiguousarray(arr)).to(ref.dtype)
-    model.load_state_dict(new)
+        if k in arrays and ref.dim() == 0 and arrays[k].size == 1:
+            arrays[k] = arrays[k].reshape(())
+    check_weights(arrays, {k: tuple(v.shape) for k, v in own.items()}, f"model {name!r}")
+    model.load_state_dict(
+        {k: torch.from_numpy(np.ascontiguousarray(arrays[k])).to(ref.dtype) for k, ref in own.items()}
+    )
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -72,6 +72,8 @@ CFG_SELECTED = "selected"  # pool indices of this round's selected samples
 CFG_EXCHANGE = "exchange"
 CFG_STAGE = "stage"  # "bootstrap": a held-out site learns from the pool and the FM only (logits)
 STAGE_BOOTSTRAP = "bootstrap"
+CFG_STATE_KEY = "state-key"  # every message: the name a site keeps this run's state under (a resumed
+# run keeps the interrupted run's key, so sites continue from their own state; server_app/checkpoint.py)
 
 # metric record fields sent by sites
 MET_NUM_EXAMPLES = "num-examples"  # Flower's conventional weighting key

@@ -3,7 +3,9 @@
 Order: node ``data-dir`` (deployment) > node ``phantom-id`` > run ``data-root`` (simulation: the
 virtual SuperNode with ``partition-id`` k gets the k-th site folder in sorted order) > built-in
 phantom site ``partition-id``.  The loaded site is cached in-process (Ray actors live for the whole
-simulation) and on disk (process-isolated ClientApps start fresh for every message).
+simulation) and on disk (process-isolated ClientApps start fresh for every message); a site folder
+is checked to still exist at every request, so a folder that disappears mid-run makes the site answer
+with a data error naming it rather than train on the cached copy.
 """
 
 from __future__ import annotations
@@ -72,9 +74,22 @@ def _load_cached(
     )
 
 
+def _check_still_there(folder: Path) -> None:
+    """The site's folder must exist at every request, not only when it was first loaded: the decoded
+    copy cached in this process (and on disk) must not keep a site training on data that is gone."""
+    for d in (folder, folder / "images", folder / "masks"):
+        if not d.is_dir():
+            raise SiteDataError(
+                f"site data folder not found: {d} does not exist (any more); the site does not train "
+                "on a cached copy of data that is gone"
+            )
+
+
 def load_site(run: RunConfig, node: NodeConfig) -> tuple[SiteArrays, Split]:
     """The site's arrays and its deterministic split."""
     source = resolve_site(run, node)
+    if source.folder is not None:
+        _check_still_there(Path(source.folder))
     cache_dir = node.cache_dir or str(default_cache_dir() / "sites")
     site = _load_cached(
         source, run.image_size, run.strict_data, run.phantom_images_per_site, run.seed, cache_dir

@@ -17,8 +17,10 @@ A SuperNode only opens an outbound connection to the SuperLink port, as at a rea
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -100,6 +102,9 @@ class TrialConfig(BaseModel):
     port: int = Field(0, ge=0, le=65535)  # 0 = a free port
     run_config: dict = Field(default_factory=dict)
     timeout_s: float = Field(3600.0, gt=0)
+    # how often a SuperNode retries a lost SuperLink before it gives up (a refused key fails fast;
+    # a trial that restarts its SuperLink wants more)
+    supernode_max_retries: int = Field(3, ge=1)
 
     @model_validator(mode="after")
     def _unique_sites(self) -> TrialConfig:
@@ -218,7 +223,7 @@ class LocalTrial:
             "--isolation", "subprocess",
             "--host", "127.0.0.1",
             "--port", str(free_port()),
-            "--max-retries", "3",
+            "--max-retries", str(self.cfg.supernode_max_retries),
         ]  # fmt: skip
         self.echo(f"SuperNode {site.name} ({site.data_dir or f'phantom site {site.phantom_id}'}), log {log}")
         self.procs[f"supernode-{site.name}"] = start(cmd, log, self.env, cwd=state)
@@ -295,6 +300,25 @@ class LocalTrial:
             if run["status"].startswith("finished") or time.monotonic() > deadline:
                 return run["status"], run.get("status-details", "")
             time.sleep(1)
+
+    # --- faults (what the chaos tests do to a running trial) --------------------------------
+    def kill(self, key: str) -> None:
+        """SIGKILL one of the trial's processes and its group (``superlink``, ``supernode-<site>``):
+        a crash, not a shutdown."""
+        proc = self.procs.pop(key)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+
+    def restart_site(self, name: str) -> None:
+        """Start a site's SuperNode again (same key, same node config, same state folder)."""
+        self.start_supernode(next(s for s in self.cfg.sites if s.name == name))
+
+    def restart_superlink(self) -> None:
+        """Start the SuperLink again on the same port and state database; SuperNodes reconnect."""
+        self.start_superlink()
 
     # --- tear-down ---------------------------------------------------------------------------
     def stop_site(self, name: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import torch
 from flwr.app import Context
@@ -21,6 +22,7 @@ from common.foundation import (
 from common.models import build_model, count_parameters
 from common.runtime import configure_threads, setup_logging
 from server_app.board import MetricsBoard
+from server_app.checkpoint import ResumeError, RunPaused, check_compatible, load_state, rewrite_history
 from server_app.dsfedmed import DSFedMedStrategy
 from server_app.fedavg import DeadlineFedAvg
 from server_app.federation import Federation, FederationStopped
@@ -40,7 +42,19 @@ def main(grid: Grid, context: Context) -> None:
         log.error("%s", exc)
         raise
     configure_threads(cfg.server_threads)
-    rundir = RunDirectory.create(cfg.runs_root, cfg.run_dir, cfg.method)
+    resume = None
+    if cfg.resume_from:
+        try:
+            resume = load_state(Path(cfg.resume_from))
+            check_compatible(resume, cfg)
+        except ResumeError as exc:
+            log.error("%s", exc)
+            raise
+        rundir = RunDirectory(Path(cfg.resume_from).expanduser().resolve())
+        rewrite_history(rundir.path, resume.history)
+        log.info("resuming %s after round %d", rundir.path, resume.round)
+    else:
+        rundir = RunDirectory.create(cfg.runs_root, cfg.run_dir, cfg.method)
     print(f"DSFedMed run directory: {rundir.path}", flush=True)
     log.info("run directory: %s", rundir.path)
     rundir.write_json("config.json", {"run_config": cfg.to_flat()})
@@ -60,7 +74,12 @@ def main(grid: Grid, context: Context) -> None:
         rundir.board = MetricsBoard.open(rundir.path / "tensorboard")
     progress = ServerProgress()
     progress.start(cfg.num_rounds)
-    fed = Federation(grid, progress=progress)
+    fed = Federation(
+        grid,
+        progress=progress,
+        link_mbps=cfg.link_mbps,
+        state_key=resume.state_key if resume is not None else int(context.run_id),
+    )
     if cfg.method == "fedfm":  # the global model is the FM itself (or its decoder)
         fm = load_foundation_model(cfg.fm, cfg.fm_checkpoint, "cpu", expected_sha256=cfg.fm_checkpoint_sha256)
         model = PromptFreeSegmenter(fm, cfg.fm_trainable).exchanged_module
@@ -71,6 +90,7 @@ def main(grid: Grid, context: Context) -> None:
     log.info("method %s, model %s (%d parameters)", cfg.method, model_name, count_parameters(model))
     strategy_cls = DSFedMedStrategy if cfg.method == "dsfedmed" else DeadlineFedAvg
     strategy = strategy_cls(cfg, fed, rundir)
+    strategy.resume = resume
     if cfg.method == "fedfm":
         strategy.require_same_model = False  # sites run the FM; their own site model is not used
     t0 = time.time()
@@ -81,6 +101,22 @@ def main(grid: Grid, context: Context) -> None:
             num_rounds=cfg.num_rounds,
             timeout=cfg.round_timeout_s,
         )
+    except RunPaused as paused:
+        rundir.write_json(
+            "summary.json",
+            {
+                "status": "paused",
+                "method": cfg.method,
+                "rounds": paused.round,
+                "resume": f"flwr run . --run-config \"resume-from='{rundir.path}'\"",
+                "bytes_total": fed.traffic.total_down + fed.traffic.total_up,
+            },
+        )
+        log.info(
+            "paused after round %d; continue with run config resume-from='%s'", paused.round, rundir.path
+        )
+        print(f"DSFedMed run paused after round {paused.round}: {rundir.path}", flush=True)
+        return
     except FederationStopped as exc:
         rows = rundir.read_metrics()
         rundir.write_json(

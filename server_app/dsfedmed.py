@@ -27,19 +27,27 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.result import Result
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from common import protocol as P
-from common.codec import decode_probs, encode_probs, from_array_record, to_array_record
+from common.codec import encode_probs, from_array_record, to_array_record
 from common.foundation import fm_checkpoint_id, load_foundation_model
 from common.generator import build_unet, generator_config_from_run
 from common.losses import DistillWeights, distillation_loss
 from common.models import build_model, load_weights
 from common.runtime import resolve_device
 from common.transforms import resize_pairs, to_float_batch
+from common.validation import (
+    PayloadInvalid,
+    check_metrics,
+    check_pool,
+    check_probs_record,
+    check_weights_record,
+)
+from server_app.checkpoint import ResumeError
 from server_app.fedavg import DeadlineFedAvg
 from server_app.federation import FederationStopped
 from server_app.selection import SelectionConfig, select
@@ -87,6 +95,11 @@ class DSFedMedStrategy(DeadlineFedAvg):
         cached = Path(cfg.pool_dir).expanduser() / "pool.npz" if cfg.pool_dir else None
         if cached is not None and cached.is_file():
             pool = Pool.load(cached)
+            try:  # a cached pool is what every site will be sent: it must fit the protocol
+                check_pool(pool.images, pool.masks, max_n=cfg.pool_size, what=f"pool in {cached}")
+            except PayloadInvalid as exc:
+                log.warning("%s; building a new one", exc)
+                pool.meta["key"] = None
             if pool.meta.get("key") == key:
                 log.info("reusing synthetic pool %s (%d samples) from %s", pool.pool_id, len(pool), cached)
                 self._write_pool(pool)
@@ -120,27 +133,13 @@ class DSFedMedStrategy(DeadlineFedAvg):
         ex = fed.send(msgs, cfg.round_timeout_s + gcfg.max_seconds)
         gens: dict[str, tuple[dict, dict]] = {}
         for site, rep in ex.replies.items():
-            rec = rep.content.array_records.get(P.KEY_GENERATOR)
-            stats = rep.content.config_records.get(P.KEY_GEN_STATS)
-            why = None
-            if rec is None or stats is None:
-                why = "reply lacks generator weights or stats"
-            else:
-                state = from_array_record(rec)
-                bad = [k for k, shp in reference.items() if k not in state or tuple(state[k].shape) != shp]
-                if bad or set(state) != set(reference):
-                    why = f"generator weights do not fit the agreed generator (e.g. {bad[:2]})"
-                elif any(not np.isfinite(v).all() for v in state.values()):
-                    why = "generator weights hold non-finite values"
-                elif not all(
-                    np.isfinite(float(stats.get(k, np.nan))) for k in ("mask_log_fg_mean", "mask_log_fg_std")
-                ):
-                    why = "generator stats lack finite mask statistics"
-            if why:
-                ex.errors[site] = f"rejected generator: {why}"
+            try:
+                state, stats = self._validate_generator(rep, reference)
+            except PayloadInvalid as exc:
+                ex.errors[site] = f"rejected generator: {exc}"
                 log.warning("site %s: %s", site, ex.errors[site])
                 continue
-            gens[site] = (state, dict(stats))
+            gens[site] = (state, stats)
         if not gens:
             why = f"no usable generator from any site (errors: {ex.errors or 'none'}; no answer: {ex.timeouts or 'none'})"
             if cfg.pool_fallback == "stop" or (cfg.pool_fallback == "folder" and not cfg.pool_folder):
@@ -163,6 +162,32 @@ class DSFedMedStrategy(DeadlineFedAvg):
             len(gens),
             time.time() - t0,
         )
+        return pool
+
+    @staticmethod
+    def _validate_generator(rep, reference: dict[str, tuple[int, ...]]) -> tuple[dict, dict]:
+        """A generator reply's weights (the agreed generator's size, keys, shapes, finite) and stats
+        (finite mask statistics, std >= 0), or :class:`PayloadInvalid` saying what is wrong."""
+        state = check_weights_record(
+            rep.content.array_records.get(P.KEY_GENERATOR), reference, "the agreed generator", P.KEY_GENERATOR
+        )
+        stats = rep.content.config_records.get(P.KEY_GEN_STATS)
+        keys = ("mask_log_fg_mean", "mask_log_fg_std")
+        check_metrics(stats, keys, nonnegative=keys[1:], what=P.KEY_GEN_STATS)
+        return state, dict(stats)
+
+    def _resumed_pool(self, pool_id: str) -> Pool:
+        """The interrupted run's pool, from its run directory (never made again: a generator pool
+        is not reproducible without the sites' generators, and the sites hold it by id)."""
+        path = self.rundir.path / "pool.npz"
+        if not path.is_file():
+            raise ResumeError(f"resume-from {self.rundir.path}: pool.npz is missing; the run cannot continue")
+        pool = Pool.load(path)
+        if pool.pool_id != pool_id:
+            raise ResumeError(
+                f"resume-from {self.rundir.path}: pool.npz holds pool {pool.pool_id}, the checkpoint pool {pool_id}"
+            )
+        log.info("resumed synthetic pool %s (%d samples) from %s", pool_id, len(pool), path)
         return pool
 
     def _write_pool(self, pool: Pool) -> None:
@@ -191,8 +216,10 @@ class DSFedMedStrategy(DeadlineFedAvg):
         per_site = {}
         for site, rep in ex.replies.items():
             m = rep.content.metric_records.get(P.KEY_METRICS)
-            if m is None or not all(np.isfinite(float(m.get(k, np.nan))) for k in ("dice-pool", "dice-real")):
-                ex.errors[site] = "pool score reply without finite dice-pool/dice-real"
+            try:
+                check_metrics(m, ("dice-pool", "dice-real"), unit=("dice-pool", "dice-real"))
+            except PayloadInvalid as exc:
+                ex.errors[site] = f"rejected pool score: {exc}"
                 continue
             per_site[site] = {k.replace("-", "_"): float(v) for k, v in m.items()}
             has_pool.add(rep.metadata.src_node_id)
@@ -219,14 +246,13 @@ class DSFedMedStrategy(DeadlineFedAvg):
 
     # --- round pieces --------------------------------------------------------------------------
     def _validate_probs(self, rep, n: int) -> tuple[torch.Tensor | None, str | None]:
-        rec = rep.content.array_records.get(P.KEY_SITE_PROBS)
-        if rec is None or P.ARR_PROBS not in rec:
-            return None, f"no '{P.KEY_SITE_PROBS}' record"
+        """A reply's probabilities on the ``n`` selected samples, decoded, or why they cannot be used:
+        :func:`common.validation.check_probs_record` (exactly ``n`` maps at logit-size in the run's
+        logit-dtype, bytes bounded before decoding, finite, within [0, 1])."""
         try:
-            return decode_probs(
-                rec[P.ARR_PROBS].numpy(), expected_n=n, expected_size=self.cfg.logit_size
-            ), None
-        except ValueError as exc:
+            rec = rep.content.array_records.get(P.KEY_SITE_PROBS)
+            return check_probs_record(rec, n, self.cfg.logit_size, self.cfg.logit_dtype), None
+        except PayloadInvalid as exc:
             return None, str(exc)
 
     def _server_model(self, arrays: ArrayRecord) -> torch.nn.Module:
@@ -295,16 +321,21 @@ class DSFedMedStrategy(DeadlineFedAvg):
         self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int, timeout: float, **_: object
     ) -> Result:
         cfg, fed = self.cfg, self.fed
-        t_run = time.time()
+        self.t_run = time.time()
         result = Result()
-        t0, before = t_run, ({}, {})  # round 0 also books profile, generator and pool traffic
+        t0, before = self.t_run, ({}, {})  # round 0 also books profile, generator and pool traffic
         self.profile_sites()
-        pool = self.build_pool()
+        st = self.resume.strategy if self.resume is not None else None
+        pool = self.build_pool() if st is None else self._resumed_pool(st["pool_id"])
         # the pool travels at the size it was made at; the FM and server models see it at image-size,
         # resized exactly as the sites resize it
         pool_images, pool_masks = resize_pairs(pool.images, pool.masks, cfg.image_size)
         has_pool: set[int] = set()
-        pool_score = self.score_pool(pool, has_pool)
+        if st is None:
+            pool_score = self.score_pool(pool, has_pool)
+        else:  # the sites that already hold the pool (by name: node ids may change across a restart)
+            pool_score = st["pool_score"]
+            has_pool = {n for n in self.train_nodes if fed.site_of(n) in set(st["has_pool"])}
         fm = load_foundation_model(
             cfg.fm, cfg.fm_checkpoint, self.device, expected_sha256=cfg.fm_checkpoint_sha256
         )
@@ -331,22 +362,44 @@ class DSFedMedStrategy(DeadlineFedAvg):
         weights_mode = cfg.exchange in ("weights", "hybrid")
         arrays = initial_arrays if weights_mode else None
         size, n_pool = cfg.logit_size, len(pool)
-
-        ev = self._evaluate(arrays, 0, "val", self.train_nodes)
-        initial_test = self._scores(self._evaluate(arrays, 0, "test", self.train_nodes))
-        self._log_row(
-            0,
-            self._scores(ev),
-            {},
-            ev,
-            None,
-            before,
-            t0,
-            {"pool_id": pool.pool_id, "pool_size": n_pool, "pool_score": pool_score},
-        )
-
         ensemble = torch.zeros(n_pool, 1, size, size)
         known = np.zeros(n_pool, bool)
+
+        def state() -> dict:  # everything a later round depends on (server_app/checkpoint.py)
+            return {
+                "pool_id": pool.pool_id,
+                "pool_score": pool_score,
+                "has_pool": sorted(fed.site_of(n) for n in has_pool),
+                "initial_test": initial_test,
+                "arrays": from_array_record(arrays) if arrays is not None else None,
+                "ensemble": ensemble.clone(),
+                "known": known.copy(),
+                "teacher": teacher.state(),
+            }
+
+        if st is None:
+            first = 1
+            ev = self._evaluate(arrays, 0, "val", self.train_nodes)
+            initial_test = self._scores(self._evaluate(arrays, 0, "test", self.train_nodes))
+            self._log_row(
+                0,
+                self._scores(ev),
+                {},
+                ev,
+                None,
+                before,
+                t0,
+                {"pool_id": pool.pool_id, "pool_size": n_pool, "pool_score": pool_score},
+                state=state(),
+            )
+        else:
+            first, _ = self._resume()
+            initial_test = st["initial_test"]
+            teacher.load_state(st["teacher"])
+            ensemble, known = st["ensemble"].clone(), np.asarray(st["known"]).copy()
+            if weights_mode:
+                arrays = ArrayRecord({k: Array(v) for k, v in st["arrays"].items()})
+
         # the whole pool once is cheaper over the run than the selected samples every round
         send_once = num_rounds * cfg.selection_rho > 1.0 or bool(has_pool)
         sel_cfg = SelectionConfig(
@@ -357,8 +410,8 @@ class DSFedMedStrategy(DeadlineFedAvg):
             pos_weight=cfg.pos_weight,
         )
         masks_small = teacher.masks_at(np.arange(n_pool), size)
-        completed = 0
-        for rnd in range(1, num_rounds + 1):
+        completed = first - 1
+        for rnd in range(first, num_rounds + 1):
             t0, before = time.time(), (dict(fed.traffic.down), dict(fed.traffic.up))
             self.fed.progress.round(rnd, num_rounds)
             fm_probs = teacher.probs(None, size)
@@ -468,6 +521,7 @@ class DSFedMedStrategy(DeadlineFedAvg):
                     "fm_distill_loss": fm_loss,
                     "pool_sent_whole": send_once,
                 },
+                state=state(),
             )
             self.rundir.save_checkpoint(
                 "fm_decoder_latest.pt", teacher.decoder_state(), {"round": rnd, "fm": cfg.fm}
@@ -492,7 +546,7 @@ class DSFedMedStrategy(DeadlineFedAvg):
         if weights_mode:
             self.rundir.save_checkpoint("global_final.pt", from_array_record(arrays), {"round": completed})
         self.summary_data = {
-            **self._summary(completed, final, initial_test, holdout, t_run),
+            **self._summary(completed, final, initial_test, holdout, self.t_run),
             "exchange": cfg.exchange,
             "site_models": {s: p.get("model") for s, p in self.profiles.items()},
             "site_model_params": {s: p.get("model-params") for s, p in self.profiles.items()},

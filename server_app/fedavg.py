@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.result import Result
@@ -21,9 +21,17 @@ from flwr.serverapp.strategy.result import Result
 from common import protocol as P
 from common.codec import from_array_record
 from common.config import RunConfig
+from common.validation import (
+    PayloadInvalid,
+    array_shapes,
+    check_eval_metrics,
+    check_train_metrics,
+    check_weights_record,
+)
+from server_app.checkpoint import RunPaused, ServerState, restore_rng, save_state
 from server_app.federation import Exchange, Federation, FederationStopped
 from server_app.plots import plot_dice
-from server_app.rundir import RunDirectory
+from server_app.rundir import RunDirectory, json_safe
 
 log = logging.getLogger("dsfedmed.server")
 
@@ -46,6 +54,40 @@ class DeadlineFedAvg(FedAvg):
         self.profiles: dict[str, dict] = {}
         self.require_same_model = True  # weight averaging needs one architecture everywhere
         self.summary_data: dict = {}
+        self.history: list[dict] = []  # every metrics row so far (the checkpoint keeps it)
+        self.resume: ServerState | None = None  # set to continue an interrupted run
+        self.t_run = time.time()
+
+    # --- checkpoint and resume -------------------------------------------------------------
+    def _checkpoint(self, rnd: int, strategy_state: dict) -> None:
+        save_state(
+            self.rundir.checkpoints,
+            ServerState(
+                round=rnd,
+                state_key=self.fed.state_key,
+                method=self.cfg.method,
+                run_config=self.cfg.to_flat(),
+                history=list(self.history),
+                traffic_down=dict(self.fed.traffic.down),
+                traffic_up=dict(self.fed.traffic.up),
+                wall_seconds=time.time() - self.t_run,
+                strategy=strategy_state,
+            ),
+        )
+
+    def _resume(self) -> tuple[int, dict]:
+        """Restore what the checkpoint holds; returns (first round to run, strategy state)."""
+        st = self.resume
+        assert st is not None
+        self.history = list(st.history)
+        for site, n in st.traffic_down.items():  # on top of what this run booked so far (profiles)
+            self.fed.traffic.add(site, down=n)
+        for site, n in st.traffic_up.items():
+            self.fed.traffic.add(site, up=n)
+        self.t_run = time.time() - st.wall_seconds
+        restore_rng(st.rng)
+        log.info("resuming at round %d of %d (state key %d)", st.round + 1, self.cfg.num_rounds, st.state_key)
+        return st.round + 1, st.strategy
 
     # --- roster ----------------------------------------------------------------------------
     def profile_sites(self) -> None:
@@ -123,30 +165,24 @@ class DeadlineFedAvg(FedAvg):
 
     @staticmethod
     def validate_metrics(msg: Message) -> str | None:
-        """A train reply must carry its metrics with a positive, finite example count (the weight)."""
-        if P.KEY_METRICS not in msg.content.metric_records:
-            return f"no '{P.KEY_METRICS}' record"
-        n = msg.content.metric_records[P.KEY_METRICS].get(P.MET_NUM_EXAMPLES)
-        if not isinstance(n, int | float) or not np.isfinite(n) or n <= 0:
-            return f"'{P.MET_NUM_EXAMPLES}' is {n!r}, expected a positive number"
+        """A train reply must carry its metrics with a positive, finite, whole example count (the
+        weight); see :func:`common.validation.check_train_metrics`."""
+        try:
+            check_train_metrics(msg.content.metric_records.get(P.KEY_METRICS))
+        except PayloadInvalid as exc:
+            return str(exc)
         return None
 
     @staticmethod
     def validate_weights(msg: Message, reference: ArrayRecord) -> str | None:
-        """Weights must match the global model's keys and shapes and be finite."""
-        content = msg.content
-        if P.KEY_ARRAYS not in content.array_records:
-            return f"no '{P.KEY_ARRAYS}' record"
-        got = content.array_records[P.KEY_ARRAYS]
-        if set(got.keys()) != set(reference.keys()):
-            return "weights do not match the global model's keys"
-        for k, ref in reference.items():
-            arr = got[k]
-            if tuple(arr.shape) != tuple(ref.shape):
-                return f"weight {k!r} has shape {tuple(arr.shape)}, expected {tuple(ref.shape)}"
-            val = arr.numpy()
-            if val.dtype.kind in "fc" and not np.isfinite(val).all():
-                return f"weight {k!r} holds non-finite values"
+        """Weights must match the global model: its byte size (checked before decoding), keys,
+        shapes, real dtypes and finite values; see :func:`common.validation.check_weights_record`."""
+        try:
+            check_weights_record(
+                msg.content.array_records.get(P.KEY_ARRAYS), array_shapes(reference), "the global model"
+            )
+        except PayloadInvalid as exc:
+            return str(exc)
         return None
 
     # --- the round loop ----------------------------------------------------------------------
@@ -171,16 +207,20 @@ class DeadlineFedAvg(FedAvg):
 
     @staticmethod
     def _scores(ex: Exchange) -> dict[str, dict]:
+        """Per-site Dice/IoU of the evaluate replies that pass
+        :func:`common.validation.check_eval_metrics`; the others are booked as errors."""
         out = {}
         for site, rep in ex.replies.items():
-            m = rep.content.metric_records.get(P.KEY_METRICS)
-            if m is None:
-                ex.errors[site] = "evaluate reply without metrics"
+            try:
+                m = check_eval_metrics(rep.content.metric_records.get(P.KEY_METRICS))
+            except PayloadInvalid as exc:
+                ex.errors[site] = f"rejected evaluate reply: {exc}"
+                log.warning("site %s: %s", site, ex.errors[site])
                 continue
             out[site] = {
-                "dice": float(m.get(P.MET_DICE, float("nan"))),
-                "iou": float(m.get(P.MET_IOU, float("nan"))),
-                "n": int(m.get(P.MET_NUM_EXAMPLES, 0)),
+                "dice": m.get(P.MET_DICE, float("nan")),
+                "iou": m.get(P.MET_IOU, float("nan")),
+                "n": int(m[P.MET_NUM_EXAMPLES]),
             }
         return out
 
@@ -193,19 +233,26 @@ class DeadlineFedAvg(FedAvg):
         self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int, timeout: float, **_: object
     ) -> Result:
         cfg, fed = self.cfg, self.fed
-        t_run = time.time()
         result = Result()
+        self.t_run = time.time()
         self.profile_sites()
         arrays = initial_arrays
+        if self.resume is not None:
+            first, st = self._resume()
+            arrays = ArrayRecord({k: Array(v) for k, v in st["arrays"].items()})
+            initial_test = st["initial_test"]
+        else:
+            # round 0: the untrained model, on validation (curve) and test (baseline for the summary)
+            first, t0, before = 1, self.t_run, ({}, {})  # round 0 also books the profile exchange
+            ev = self._evaluate(arrays, 0, "val", self.train_nodes)
+            initial_test = self._scores(self._evaluate(arrays, 0, "test", self.train_nodes))
+            self._log_row(
+                0, self._scores(ev), {}, ev, None, before, t0,
+                state=self._state(arrays, initial_test),
+            )  # fmt: skip
 
-        # round 0: the untrained model, on validation (curve) and test (baseline for the summary)
-        t0, before = t_run, ({}, {})  # round 0 also books the profile exchange
-        ev = self._evaluate(arrays, 0, "val", self.train_nodes)
-        initial_test = self._scores(self._evaluate(arrays, 0, "test", self.train_nodes))
-        self._log_row(0, self._scores(ev), {}, ev, None, before, t0)
-
-        completed = 0
-        for rnd in range(1, num_rounds + 1):
+        completed = first - 1
+        for rnd in range(first, num_rounds + 1):
             t0, before = time.time(), (dict(fed.traffic.down), dict(fed.traffic.up))
             self.fed.progress.round(rnd, num_rounds)
             train_cfg = ConfigRecord({P.CFG_MODEL: cfg.model})
@@ -233,7 +280,7 @@ class DeadlineFedAvg(FedAvg):
             ev = self._evaluate_round(arrays, rnd, num_rounds)
             scores = self._scores(ev)
             self._record_validation(result, rnd, scores)
-            self._log_row(rnd, scores, losses, ev, ex, before, t0)
+            self._log_row(rnd, scores, losses, ev, ex, before, t0, state=self._state(arrays, initial_test))
             self.rundir.save_checkpoint(
                 f"global_round_{rnd:03d}.pt",
                 from_array_record(arrays),
@@ -247,8 +294,12 @@ class DeadlineFedAvg(FedAvg):
             from_array_record(arrays),
             {"round": completed, "model": cfg.model, "method": cfg.method},
         )
-        self.summary_data = self._summary(completed, final, initial_test, holdout, t_run)
+        self.summary_data = self._summary(completed, final, initial_test, holdout, self.t_run)
         return result
+
+    @staticmethod
+    def _state(arrays: ArrayRecord, initial_test: dict) -> dict:
+        return {"arrays": from_array_record(arrays), "initial_test": initial_test}
 
     def _final_evaluation(self, arrays: ArrayRecord | None, num_rounds: int) -> tuple[dict, dict | None]:
         """Test split at every training site; the held-out site (if any) on all its data."""
@@ -289,7 +340,9 @@ class DeadlineFedAvg(FedAvg):
                 {"dice-mean": self._mean(scores, "dice") or 0.0}
             )
 
-    def _log_row(self, rnd, scores, losses, ev, train_ex, before, t0, extra=None) -> None:
+    def _log_row(self, rnd, scores, losses, ev, train_ex, before, t0, extra=None, state=None) -> None:
+        """Append round ``rnd``'s metrics row; with ``state`` (the strategy's state after the round)
+        the server checkpoint is written first, so a row on disk always has its checkpoint."""
         fed = self.fed
         per_site = {}
         for site in set(fed.traffic.down) | set(fed.traffic.up):
@@ -323,7 +376,11 @@ class DeadlineFedAvg(FedAvg):
             "absent": absent,
             **(extra or {}),
         }
+        self.history.append(json_safe(row))
+        if state is not None:
+            self._checkpoint(rnd, state)
         self.rundir.append_metrics(row)
+        pause = state is not None and 0 < self.cfg.pause_after_round == rnd and rnd < self.cfg.num_rounds
         dm = row["dice_mean"]
         log.info(
             "round %d: dice_mean=%s, %d site(s), down %.1f kB, up %.1f kB, %.1f s%s",
@@ -343,3 +400,5 @@ class DeadlineFedAvg(FedAvg):
             )
         except Exception as exc:  # noqa: BLE001 - a plot must never stop a federation
             log.warning("could not draw dice.png: %s", exc)
+        if pause:
+            raise RunPaused(rnd)

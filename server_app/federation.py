@@ -13,9 +13,10 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from flwr.app import Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from common import protocol as P
 from common.codec import message_nbytes
 from server_app.progress import ServerProgress
 
@@ -56,10 +57,22 @@ class Exchange:
 class Federation:
     """Wraps a Flower ``Grid`` with deadline sampling, per-site naming and byte accounting."""
 
-    def __init__(self, grid: Grid, *, poll_s: float = 1.0, progress: ServerProgress | None = None):
+    def __init__(
+        self,
+        grid: Grid,
+        *,
+        poll_s: float = 1.0,
+        progress: ServerProgress | None = None,
+        link_mbps: float = 10.0,
+        latency_s: float = 5.0,
+        state_key: int = 0,
+    ):
         self.grid = grid
         self.poll_s = poll_s
         self.progress = progress or ServerProgress(live=False)
+        self.link_mbps = link_mbps
+        self.latency_s = latency_s
+        self.state_key = state_key  # the name sites keep their state under (see server_app.checkpoint)
         self.sites: dict[int, str] = {}  # node id -> site name, set after profiling
         self.traffic = Traffic()
         self._absent: set[str] = set()  # roster sites not connected when they were wanted
@@ -139,17 +152,30 @@ class Federation:
             time.sleep(min(self.poll_s, max(0.0, timeout_s - elapsed)))
 
     def make(self, node_id: int, mtype: str, content: RecordDict, round_id: int = 0) -> Message:
+        """A message for one site; its config record carries the run's state key."""
+        if self.state_key:
+            content = RecordDict(dict(content.items()))  # messages may share a content; never mutate it
+            conf = dict(content.config_records.get(P.KEY_CONFIG, ConfigRecord()).items())
+            content[P.KEY_CONFIG] = ConfigRecord({**conf, P.CFG_STATE_KEY: int(self.state_key)})
         return Message(content, dst_node_id=node_id, message_type=mtype, group_id=str(round_id))
 
+    def deadline(self, largest_bytes: int, compute_s: float) -> float:
+        """Seconds to wait for a send: the sites' compute time plus the largest message's transfer,
+        both ways (a reply is assumed no larger), at ``link-mbps``, plus ``latency_s``."""
+        return compute_s + 2 * largest_bytes * 8 / (self.link_mbps * 1e6) + self.latency_s
+
     def send(self, messages: Iterable[Message], timeout_s: float) -> Exchange:
-        """Send the messages and collect replies until all answered or the timeout passed."""
+        """Send the messages and collect replies until all answered or the deadline passed:
+        ``timeout_s`` of compute plus the payload's transfer time (:meth:`deadline`)."""
         out = Exchange()
         messages = list(messages)
         requests = [m.metadata.dst_node_id for m in messages]
-        for msg in messages:
-            self.traffic.add(self.site_of(msg.metadata.dst_node_id), down=message_nbytes(msg))
+        sizes = [message_nbytes(m) for m in messages]
+        for msg, n in zip(messages, sizes, strict=True):
+            self.traffic.add(self.site_of(msg.metadata.dst_node_id), down=n)
         if not messages:
             return out
+        timeout_s = self.deadline(max(sizes), timeout_s)
         replies = self._push_and_pull(messages, timeout_s)
         answered = set()
         for rep in replies:

@@ -113,5 +113,22 @@ class FoundationTeacher:
         self.fm.eval()
         return float(np.mean(losses))
 
+    def state(self) -> dict:
+        """What distillation changes: the FM's trainable weights and their optimiser (a checkpoint)."""
+        net = self.fm.net
+        trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+        return {
+            "weights": {k: v.detach().cpu().clone() for k, v in net.state_dict().items() if k in trainable},
+            "opt": self.opt.state_dict(),
+        }
+
+    def load_state(self, state: dict) -> None:
+        net = self.fm.net
+        trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+        if set(state["weights"]) != trainable:
+            raise ValueError("the checkpoint's FM weights are not this FM's trainable weights")
+        net.load_state_dict(state["weights"], strict=False)
+        self.opt.load_state_dict(state["opt"])
+
     def decoder_state(self) -> dict[str, np.ndarray]:
         return {k: v.detach().cpu().numpy() for k, v in self.fm.decoder.state_dict().items()}

@@ -4,6 +4,7 @@ loopback (``deploy.local.LocalTrial``, what ``dsfedmed deploy local`` runs), eve
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 
@@ -49,14 +50,35 @@ def _wait_exit(proc, timeout_s: float) -> int | None:
     return proc.poll()
 
 
-def test_tls_trial_with_node_auth_refused_rogue_and_a_site_killed_mid_run(tmp_path, keys):
-    """One trial (the e2e runs are the suite's slowest; they share one federation): 3 registered
-    sites with data folders on disk complete DSFedMed rounds 1-2 with every site's metrics; a 4th
-    SuperNode whose key was never registered is refused; site-1's policy refuses the generator
-    upload (the pool comes from the other two) and puts DP noise on its probabilities; site-2 is
-    then killed, round 3 finishes after its deadline without it, the dropout is recorded in
-    metrics.jsonl, and the run completes. Every site's audit log then proves that none of its images
-    or masks, nor anything shaped like them, left it."""
+def _rounds_logged(metrics) -> list[int]:
+    if not metrics.is_file():
+        return []
+    return [json.loads(x)["round"] for x in metrics.read_text().splitlines() if x.strip()]
+
+
+def _wait_round(metrics, rnd: int, timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while rnd not in _rounds_logged(metrics):
+        assert time.monotonic() < deadline, f"round {rnd} never logged ({_rounds_logged(metrics)})"
+        time.sleep(0.3)
+
+
+def test_tls_trial_policy_audit_and_crashes_of_a_site_and_the_superlink(tmp_path, keys):
+    """One trial (the e2e runs are the suite's slowest, so one federation carries the scenario):
+
+    - 3 registered sites with data folders on disk; a 4th SuperNode whose key was never
+      registered is refused;
+    - site-1's policy refuses the generator upload (the pool comes from the other two) and puts DP
+      noise on its probabilities;
+    - site-2's SuperNode is killed (SIGKILL) after round 1: round 2 goes on without it, recorded
+      as dropped;
+    - after round 2 site-2 comes back, and the SuperLink is killed with the ServerApp it runs; it
+      restarts on the same state database, the SuperNodes reconnect, and the run resumed from its
+      checkpoint (``resume-from``) completes round 3 with all three sites, site-2 continuing from
+      its state on disk;
+    - every site's audit log then proves that none of its images or masks, nor anything shaped
+      like them, left it; the operator's report and prediction work on the real run.
+    """
     from common.phantoms import write_phantom_site
 
     folders = {f"site-{i}": write_phantom_site(tmp_path / f"data-{i}", i, 16, 48) for i in range(3)}
@@ -77,54 +99,73 @@ def test_tls_trial_with_node_auth_refused_rogue_and_a_site_killed_mid_run(tmp_pa
             **TINY_GEN,
             "num-rounds": 3,
             "min-sites": 2,
-            "round-timeout-s": 90,
+            "round-timeout-s": 40,
             "sampling-deadline-s": 30,
         },
         timeout_s=900,
+        supernode_max_retries=100,  # the SuperNodes outlive a SuperLink restart
     )
     run_dir = tmp_path / "trial" / "run"
     metrics = run_dir / "metrics.jsonl"
     with LocalTrial(cfg, echo=lambda m: None) as trial:
         trial.start()
         procs = dict(trial.procs)
-        result: dict = {}
-        runner = threading.Thread(target=lambda: result.setdefault("res", trial.run()))
+        first: dict = {}
+
+        def run_first():
+            try:
+                first["res"] = trial.run()
+            except Exception as exc:  # noqa: BLE001 - its SuperLink is killed under it
+                first["error"] = exc
+
+        runner = threading.Thread(target=run_first)
         runner.start()
         # the SuperLink refuses the node whose key was never registered
         assert _wait_exit(procs["supernode-rogue"], 120) not in (None, 0)
         rogue_log = (trial.logs / "supernode-rogue.log").read_text()
         assert "Failed to activate SuperNode" in rogue_log, rogue_log[-2000:]
-        # as soon as round 2 is logged, site-2 dies: round 3 must go on without it
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and runner.is_alive():
-            if metrics.is_file() and any(
-                json.loads(x)["round"] == 2 for x in metrics.read_text().splitlines()
-            ):
-                break
-            time.sleep(0.5)
-        trial.stop_site("site-2")
-        runner.join(600)
+        # site-2 crashes as soon as round 1 is logged: round 2 must go on without it
+        _wait_round(metrics, 1)
+        trial.kill("supernode-site-2")
+        _wait_round(metrics, 2)
+        # site-2 comes back; the SuperLink (and the ServerApp it runs) crashes, and restarts
+        trial.restart_site("site-2")
+        trial.kill("superlink")
+        trial.kill("flwr-run")  # the operator's `flwr run` lost its SuperLink too
+        assert (run_dir / "checkpoints" / "state.pt").is_file()
+        survivors = {k: trial.procs[k] for k in ("supernode-site-0", "supernode-site-1", "supernode-site-2")}
+        trial.restart_superlink()
+        runner.join(300)
         assert not runner.is_alive()
+        res = trial.run({"resume-from": str(run_dir), "min-sites": 3})
+        assert all(p.poll() is None for p in survivors.values()), "a SuperNode gave up on the SuperLink"
+        procs.update(trial.procs)
     # every process the trial started is gone
     assert all(p.poll() is not None for p in procs.values())
-    res = result["res"]
     assert res.completed, f"{res.status} {res.details}\n{res.output[-3000:]}"
     assert set(res.node_ids) == {"site-0", "site-1", "site-2"}
     assert (trial.work / "superlink" / "state.db").stat().st_size > 0  # persistent SuperLink state
 
     rows = [json.loads(x) for x in metrics.read_text().splitlines()]
-    assert [r["round"] for r in rows] == [0, 1, 2, 3]
-    for r in rows[:3]:  # rounds 0-2: every site's metrics
-        assert set(r["sites"]) == {"site-0", "site-1", "site-2"} and not r["dropped"]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]  # each round once, across the two runs
+    for r in rows:
         assert all(0 <= v["dice"] <= 1 and v["n"] > 0 for v in r["sites"].values())
         assert r["bytes_down"] > 0 and r["bytes_up"] > 0
-    # gone before round 3 asked it (absent) or in the middle of it (no answer): dropped either way
-    assert "site-2" in rows[3]["dropped"] and set(rows[3]["sites"]) == {"site-0", "site-1"}
-    assert rows[3]["dice_mean"] is not None
+    for r in rows[:2]:  # rounds 0-1: every site's metrics
+        assert set(r["sites"]) == {"site-0", "site-1", "site-2"} and not r["dropped"]
+    # gone before round 2 asked it (absent) or in the middle of it (no answer): dropped either way
+    assert "site-2" in rows[2]["dropped"] and set(rows[2]["sites"]) == {"site-0", "site-1"}
+    assert set(rows[3]["sites"]) == {"site-0", "site-1", "site-2"} and not rows[3]["dropped"]
+    # site-2 continued from its state on disk, kept under the first run's key
+    # (after round 1, or after round 2 if it had trained round 2 when it was killed: its reply was lost)
+    log = (trial.logs / "supernode-site-2.log").read_text()
+    assert re.search(r"site-2: round 3 starts from its state after round [12]\b", log), log[-3000:]
+    (state_dir,) = (trial.work / "sites" / "site-2" / "state").glob("run-*")
+    assert (state_dir / "site-2" / "round-0003.pt").is_file()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["method"] == "dsfedmed" and summary["rounds"] == 3
     assert "rogue" not in json.loads((run_dir / "config.json").read_text())["site_profiles"]
-    assert set(summary["test"]) == {"site-0", "site-1"}
+    assert set(summary["test"]) == {"site-0", "site-1", "site-2"}
     assert (run_dir / "pool.png").is_file() and (run_dir / "dice.png").is_file()
     # site-1's policy refused the generator upload: the pool comes from site-0 and site-2
     assert set(summary["pool"]["generators"]) == {"site-0", "site-2"}

@@ -116,6 +116,7 @@ def test_dsfedmed_on_real_polypgen_sites_learns(link, tmp_path):
             "learning-rate": 0.006,
             "pool-source": "phantoms",
             "pool-size": 16,
+            "pool-score-epochs": 0,  # the pool's score is tested on phantoms; here it would double the time
             "run-dir": str(run_dir),
         },
         num_supernodes=3,

@@ -162,3 +162,21 @@ def test_audit_off(task_identity, site, tmp_path):
     rep = app(_train_msg([0]), site(audit="off"))
     assert not rep.has_error()
     assert not (tmp_path / "state" / "audit.jsonl").exists()
+
+
+def test_deploy_local_refuses_a_policy_for_an_unknown_site_or_a_bad_policy(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app as cli
+
+    res = CliRunner().invoke(
+        cli, ["deploy", "local", "--site-policy", "site-9=p.toml", "--work", str(tmp_path)]
+    )
+    assert res.exit_code == 2 and "site-9" in res.output
+    bad = tmp_path / "p.toml"
+    bad.write_text("max-reply-bytes = -1\n")
+    res = CliRunner().invoke(
+        cli, ["deploy", "local", "--site-policy", f"site-0={bad}", "--work", str(tmp_path)]
+    )
+    assert res.exit_code == 2 and "max-reply-bytes" in res.output, res.output
+    assert not (tmp_path / "keys").exists()  # nothing was started or made

@@ -116,7 +116,9 @@ def test_send_reports_who_is_still_awaited_and_stops_at_the_deadline(task_identi
             seen.append((label, answered, total, tuple(waiting)))
             super().exchange(label, answered, total, waiting, elapsed, timeout)
 
-    fed = Federation(ReplyingGrid(delay=0.2), poll_s=0.05, progress=Recorder(live=False, every_s=0.0))
+    fed = Federation(
+        ReplyingGrid(delay=0.2), poll_s=0.05, progress=Recorder(live=False, every_s=0.0), latency_s=0.0
+    )
     for n, name in ((1, "A"), (2, "B"), (3, "C")):
         fed.name_site(n, name)
     msgs = [fed.make(n, "train", RecordDict({"config": ConfigRecord({"r": 1})}), 4) for n in (1, 2, 3)]
@@ -167,3 +169,24 @@ def test_tensorboard_board_gets_every_metrics_row(tmp_path, monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_tb)
     assert board.MetricsBoard.open(tmp_path / "other") is None
+
+
+def test_send_deadline_grows_with_the_payload():
+    """A send's deadline is compute time plus the largest message's transfer both ways at link-mbps."""
+    fed = Federation(FakeGrid([]), link_mbps=8.0, latency_s=1.0)
+    assert fed.deadline(0, 10.0) == 11.0
+    assert fed.deadline(5_000_000, 10.0) == 10.0 + 2 * 5.0 + 1.0  # 5 MB at 1 MB/s, down and up
+
+
+def test_messages_carry_the_state_key_without_touching_shared_content(task_identity):
+    from common import protocol as P
+
+    shared = RecordDict({"config": ConfigRecord({"r": 1})})
+    fed = Federation(FakeGrid([]), state_key=42)
+    msg = fed.make(1, "train", shared, 3)
+    assert (
+        msg.content.config_records["config"]["state-key"] == 42
+        and msg.content.config_records["config"]["r"] == 1
+    )
+    assert P.CFG_STATE_KEY not in shared.config_records["config"]  # other sites' messages unchanged
+    assert fed.make(2, "query.profile", RecordDict()).content.config_records["config"]["state-key"] == 42

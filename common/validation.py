@@ -1,0 +1,315 @@
+"""The protocol's payload checks, in one place, used by both ends.
+
+Whatever crosses the network is checked here before it is used: the server checks every site reply
+(probabilities, weights, metrics, generator weights) before it is averaged, and a site checks every
+request (the synthetic pool, soft targets, weights) before it trains on it.  Every check raises
+:class:`PayloadInvalid`, a ``ValueError`` whose message names the record or array and says what the
+protocol expects, so the server can log and book the reason and a site can answer with it
+(``ERR_PAYLOAD``).
+
+Sizes are bounded *before* an array is decoded: a Flower ``Array`` carries its serialised bytes
+(``.npy``), and :func:`check_array_bytes` compares their length with what the protocol and the run
+config allow, plus :data:`NPY_HEADER_MAX` per array: probabilities, ``n * logit-size**2`` values and
+weights, the reference model's values, at no more than 8 bytes a value (the widest real dtype, so a
+same-shape array of a wrong dtype is decoded and reported as a wrong dtype); the pool, ``pool-size``
+uint8 pairs at ``max(image-size, gen-size)``.  A huge array is turned away on its length alone, never
+loaded, converted or averaged.  After decoding, dtype and shape are checked exactly (probabilities:
+uint8 or float16, the run's logit-dtype where known, so exactly ``n * logit-size**2`` bytes or twice
+that), before any conversion.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+
+from common import protocol as P
+from common.codec import decode_probs
+
+NPY_HEADER_MAX = 1024
+"""Bytes allowed per array on top of its values: the ``.npy`` header (128 bytes for ordinary arrays)."""
+
+MAX_ITEMSIZE = 8
+"""Real number types that may cross (bool, (u)int8..64, float16..64) take at most 8 bytes a value."""
+
+POOL_MIN_SIZE = 8  # smallest synthetic-image side a site accepts
+
+
+class PayloadInvalid(ValueError):
+    """A record or array does not fit the protocol; the message says which and what was expected."""
+
+
+# --- sizes ---------------------------------------------------------------------------------------
+
+
+def probs_record_limit(n: int, size: int) -> int:
+    """Most bytes a probabilities record (one ``probs`` array of ``n`` maps at ``size`` px) may hold
+    before it is decoded: 8 bytes a value.  A record within it is decoded and must then be exactly
+    ``n`` maps at ``size`` px of uint8 or float16 (the run's logit-dtype where the check knows it),
+    so what is used is never more than ``n * size**2 * 2`` bytes; a wrong dtype is reported as such,
+    anything larger as too many bytes."""
+    return int(n) * int(size) ** 2 * MAX_ITEMSIZE + NPY_HEADER_MAX
+
+
+def weights_record_limit(reference: Mapping[str, Iterable[int]]) -> int:
+    """Most bytes a weights record may hold: the reference model's values at 8 bytes each."""
+    return sum(
+        int(np.prod(tuple(shape), dtype=np.int64)) * MAX_ITEMSIZE + NPY_HEADER_MAX
+        for shape in reference.values()
+    )
+
+
+def pool_record_limit(n: int, size: int) -> int:
+    """Most bytes a pool record may hold: ``n`` uint8 RGB images and masks at ``size`` px."""
+    return int(n) * 4 * int(size) ** 2 + 2 * NPY_HEADER_MAX
+
+
+def record_nbytes(record: ArrayRecord) -> int:
+    """Serialised bytes of a record's arrays (what was received, before any decoding)."""
+    return sum(len(a.data) for a in record.values())
+
+
+def check_array_bytes(record: ArrayRecord, limit: int, what: str) -> None:
+    """Reject a record whose arrays hold more bytes than ``limit``, before they are decoded."""
+    n = record_nbytes(record)
+    if n > limit:
+        raise PayloadInvalid(
+            f"{what} holds {n} bytes, more than the {limit} the protocol allows for it; not decoded"
+        )
+
+
+# --- decoding ------------------------------------------------------------------------------------
+
+
+def decode_array(array: Array, what: str) -> np.ndarray:
+    """An ``Array``'s numpy value; unreadable bytes (not ``.npy``, pickled objects) are rejected."""
+    try:
+        arr = array.numpy()
+    except Exception as exc:  # noqa: BLE001 - whatever np.load makes of the bytes, it is a bad payload
+        raise PayloadInvalid(
+            f"{what} cannot be decoded as a numpy array: {type(exc).__name__}: {exc}"
+        ) from None
+    if not isinstance(arr, np.ndarray):  # an .npz or other container
+        raise PayloadInvalid(f"{what} is not a single numpy array")
+    return arr
+
+
+def decode_record(record: ArrayRecord, what: str) -> dict[str, np.ndarray]:
+    return {k: decode_array(a, f"{what} array {k!r}") for k, a in record.items()}
+
+
+# --- probabilities (soft targets, site probabilities) --------------------------------------------
+
+
+def check_probs(
+    arr: np.ndarray, n: int | None, size: int | None, dtype: str | None = None, what: str = "probabilities"
+):
+    """Decoded probabilities (float32 torch, (n,1,size,size), finite, in [0,1]) via
+    :func:`common.codec.decode_probs`; ``dtype`` (when given) is the run's ``logit-dtype``."""
+    arr = np.asarray(arr)
+    if dtype is not None and arr.dtype != np.dtype(dtype):
+        raise PayloadInvalid(f"{what}: probabilities are {arr.dtype}, the run's logit-dtype is {dtype}")
+    try:
+        return decode_probs(arr, expected_n=n, expected_size=size)
+    except ValueError as exc:
+        raise PayloadInvalid(f"{what}: {exc}") from None
+
+
+def check_probs_record(
+    record: ArrayRecord | None, n: int, size: int, dtype: str | None = None, key: str = P.KEY_SITE_PROBS
+):
+    """A probabilities record (``site-probs`` or ``soft-targets``): present, only a ``probs`` array,
+    no more bytes than ``n`` maps at ``size`` px, then :func:`check_probs`."""
+    if record is None:
+        raise PayloadInvalid(f"no '{key}' record")
+    if P.ARR_PROBS not in record:
+        raise PayloadInvalid(f"'{key}' record has no '{P.ARR_PROBS}' array")
+    extra = sorted(set(record.keys()) - {P.ARR_PROBS})
+    if extra:
+        raise PayloadInvalid(f"'{key}' record holds unexpected arrays {extra[:3]}")
+    check_array_bytes(record, probs_record_limit(n, size), f"'{key}' record")
+    arr = decode_array(record[P.ARR_PROBS], f"'{key}' array '{P.ARR_PROBS}'")
+    return check_probs(arr, n, size, dtype, what=f"'{key}'")
+
+
+# --- weights -------------------------------------------------------------------------------------
+
+
+def check_weights(state: Mapping[str, np.ndarray], reference: Mapping[str, Iterable[int]], what: str) -> None:
+    """Weights fit ``reference`` (name -> shape): the same names, the same shapes, real number types
+    of at most 8 bytes, finite values.  ``what`` names the model in the reason."""
+    missing = sorted(set(reference) - set(state))
+    extra = sorted(set(state) - set(reference))
+    if missing or extra:
+        raise PayloadInvalid(
+            f"weights do not fit {what}: {len(missing)} missing {missing[:3]}, {len(extra)} unexpected {extra[:3]}"
+        )
+    for k, shape in reference.items():
+        arr = np.asarray(state[k])
+        if arr.dtype.kind not in "biuf" or arr.dtype.itemsize > MAX_ITEMSIZE:
+            raise PayloadInvalid(
+                f"weight {k!r} has dtype {arr.dtype}; weights are real numbers of at most 8 bytes"
+            )
+        if tuple(arr.shape) != tuple(shape):
+            raise PayloadInvalid(f"weight {k!r} has shape {tuple(arr.shape)}, {what} needs {tuple(shape)}")
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise PayloadInvalid(f"weight {k!r} holds non-finite values")
+
+
+def array_shapes(record: ArrayRecord) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of a record's arrays, from their metadata (nothing is decoded)."""
+    return {k: tuple(a.shape) for k, a in record.items()}
+
+
+def check_weights_record(
+    record: ArrayRecord | None, reference: Mapping[str, Iterable[int]], what: str, key: str = P.KEY_ARRAYS
+) -> dict[str, np.ndarray]:
+    """A weights record: present, within the reference model's byte size, then :func:`check_weights`."""
+    if record is None:
+        raise PayloadInvalid(f"no '{key}' record")
+    check_array_bytes(record, weights_record_limit(reference), f"'{key}' record")
+    state = decode_record(record, f"'{key}' record")
+    check_weights(state, reference, what)
+    return state
+
+
+# --- metrics -------------------------------------------------------------------------------------
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool | np.bool_)
+
+
+def check_metrics(
+    record: Mapping[str, Any] | None,
+    required: Iterable[str] = (),
+    *,
+    positive: Iterable[str] = (),
+    counts: Iterable[str] = (),
+    nonnegative: Iterable[str] = (),
+    unit: Iterable[str] = (),
+    what: str = P.KEY_METRICS,
+) -> dict[str, float]:
+    """A metrics (or stats) record: ``required`` keys present as finite numbers; ``counts`` whole and
+    >= 0, ``positive`` > 0, ``nonnegative`` >= 0, ``unit`` within [0, 1].  Returns the required values."""
+    if record is None:
+        raise PayloadInvalid(f"no '{what}' record")
+    out: dict[str, float] = {}
+    positive, counts, nonnegative, unit = set(positive), set(counts), set(nonnegative), set(unit)
+    for k in required:
+        if k not in record:
+            raise PayloadInvalid(f"'{what}' record lacks '{k}'")
+        v = record[k]
+        if not _number(v) or not np.isfinite(float(v)):
+            raise PayloadInvalid(f"'{k}' in '{what}' is {v!r}, expected a finite number")
+        v = float(v)
+        if k in counts and (v < 0 or not v.is_integer()):
+            raise PayloadInvalid(f"'{k}' in '{what}' is {v!r}, expected a whole number >= 0")
+        if k in positive and v <= 0:
+            raise PayloadInvalid(f"'{k}' in '{what}' is {v!r}, expected a positive number")
+        if k in nonnegative and v < 0:
+            raise PayloadInvalid(f"'{k}' in '{what}' is {v!r}, expected a number >= 0")
+        if k in unit and not 0.0 <= v <= 1.0:
+            raise PayloadInvalid(f"'{k}' in '{what}' is {v!r}, expected a value within [0, 1]")
+        out[k] = v
+    return out
+
+
+def check_train_metrics(record: Mapping[str, Any] | None) -> float:
+    """A train reply's metrics: a positive whole number of examples (the averaging weight)."""
+    n = P.MET_NUM_EXAMPLES
+    return check_metrics(record, (n,), counts=(n,), positive=(n,))[n]
+
+
+def check_eval_metrics(record: Mapping[str, Any] | None) -> dict[str, float]:
+    """An evaluate reply's metrics: a whole number of images >= 0 and, when there were images, Dice and
+    IoU within [0, 1] (an empty split reports n = 0 and no score)."""
+    n = P.MET_NUM_EXAMPLES
+    out = check_metrics(record, (n,), counts=(n,))
+    if out[n] > 0:
+        out.update(check_metrics(record, (P.MET_DICE, P.MET_IOU), unit=(P.MET_DICE, P.MET_IOU)))
+    return out
+
+
+# --- synthetic pool ------------------------------------------------------------------------------
+
+
+def check_pool(
+    images: np.ndarray,
+    masks: np.ndarray,
+    *,
+    max_n: int | None = None,
+    max_size: int | None = None,
+    what: str = "pool",
+) -> None:
+    """Synthetic pairs: images uint8 (N,3,S,S) with ``POOL_MIN_SIZE`` <= S <= ``max_size``, N <= ``max_n``,
+    masks uint8 (N,1,S,S) in {0,1}."""
+    images, masks = np.asarray(images), np.asarray(masks)
+    if (
+        images.dtype != np.uint8
+        or images.ndim != 4
+        or images.shape[1] != 3
+        or images.shape[2] != images.shape[3]
+        or images.shape[2] < POOL_MIN_SIZE
+    ):
+        raise PayloadInvalid(
+            f"{what} images must be uint8 (N,3,S,S) with S >= {POOL_MIN_SIZE}, got {images.dtype} {images.shape}"
+        )
+    if masks.dtype != np.uint8 or masks.shape != (images.shape[0], 1, *images.shape[2:]):
+        raise PayloadInvalid(
+            f"{what} masks must be {{0,1}} uint8 (N,1,S,S) matching the images {images.shape}, "
+            f"got {masks.dtype} {masks.shape}"
+        )
+    if masks.max(initial=0) > 1:
+        raise PayloadInvalid(f"{what} masks must be {{0,1}} uint8 (N,1,S,S), got values up to {masks.max()}")
+    if max_n is not None and len(images) > max_n:
+        raise PayloadInvalid(f"{what} holds {len(images)} pairs, more than pool-size {max_n}")
+    if max_size is not None and images.shape[2] > max_size:
+        raise PayloadInvalid(f"{what} images are {images.shape[2]} px, larger than the run's {max_size} px")
+
+
+def check_pool_record(
+    record: ArrayRecord | None,
+    *,
+    max_n: int | None = None,
+    max_size: int | None = None,
+    key: str = P.KEY_POOL,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A pool record: present with ``images`` and ``masks``, within ``max_n`` pairs at ``max_size`` px
+    by its byte size, then :func:`check_pool`."""
+    if record is None:
+        raise PayloadInvalid(f"no '{key}' record")
+    for name in (P.ARR_IMAGES, P.ARR_MASKS):
+        if name not in record:
+            raise PayloadInvalid(f"'{key}' record has no '{name}' array")
+    if max_n is not None and max_size is not None:
+        check_array_bytes(record, pool_record_limit(max_n, max_size), f"'{key}' record")
+    images = decode_array(record[P.ARR_IMAGES], f"'{key}' array '{P.ARR_IMAGES}'")
+    masks = decode_array(record[P.ARR_MASKS], f"'{key}' array '{P.ARR_MASKS}'")
+    check_pool(images, masks, max_n=max_n, max_size=max_size, what=key)
+    return images, masks
+
+
+def pool_bounds(run) -> tuple[int, int]:
+    """(most pairs, largest side) of any pool the server of this run sends: ``pool-size`` pairs, made
+    at ``gen-size`` (generator, phantom fallback) or ``image-size`` (phantoms, folder)."""
+    return int(run.pool_size), max(int(run.image_size), int(run.gen_size))
+
+
+def check_request_bytes(content, run) -> None:
+    """A site's size gate on a request, before any handler decodes it: the pool within
+    :func:`pool_bounds`, soft targets within the selected samples' (at most ``pool-size``) maps."""
+    n_pool, side = pool_bounds(run)
+    arrays = content.array_records
+    if P.KEY_POOL in arrays:
+        check_array_bytes(arrays[P.KEY_POOL], pool_record_limit(n_pool, side), f"'{P.KEY_POOL}' record")
+    if P.KEY_SOFT in arrays:
+        conf = content.config_records.get(P.KEY_CONFIG)
+        selected = conf.get(P.CFG_SELECTED, []) if conf is not None else []
+        n = len(selected) if isinstance(selected, list) and selected else n_pool
+        if n > n_pool:
+            raise PayloadInvalid(f"{n} selected samples, more than pool-size {n_pool}")
+        check_array_bytes(arrays[P.KEY_SOFT], probs_record_limit(n, run.logit_size), f"'{P.KEY_SOFT}' record")
