@@ -451,7 +451,7 @@ class DSFedMedStrategy(DeadlineFedAvg):
             valid, probs, counts, losses = [], [], [], {}
             for site, rep in ex.replies.items():
                 node = rep.metadata.src_node_id
-                why = self.validate_metrics(rep)
+                why = self.validate_metrics(rep) or self.validate_example_count(site, rep)
                 p = None
                 if not why and cfg.exchange in ("logits", "hybrid"):
                     p, why = self._validate_probs(rep, len(idx))

@@ -161,7 +161,21 @@ class DeadlineFedAvg(FedAvg):
 
     def validate_train_reply(self, site: str, msg: Message, reference: ArrayRecord) -> str | None:
         """Why a train reply cannot be averaged, or None when it is fine."""
-        return self.validate_metrics(msg) or self.validate_weights(msg, reference)
+        return (
+            self.validate_metrics(msg)
+            or self.validate_example_count(site, msg)
+            or self.validate_weights(msg, reference)
+        )
+
+    def validate_example_count(self, site: str, msg: Message) -> str | None:
+        """A site cannot weigh more in an average than the training images its profile reported."""
+        limit = int((self.profiles.get(site) or {}).get("n-train", 0) or 0)
+        n = float(msg.content.metric_records[P.KEY_METRICS][P.MET_NUM_EXAMPLES])
+        if limit and n > limit:
+            return (
+                f"'{P.MET_NUM_EXAMPLES}' is {n:g}, more than the {limit} training images its profile reported"
+            )
+        return None
 
     @staticmethod
     def validate_metrics(msg: Message) -> str | None:

@@ -56,3 +56,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def link(tmp_path_factory):
+    """A simulation SuperLink for one test module, under a throw-away FLWR_HOME, stopped by PID."""
+    from bench.flower_sim import simulation_superlink
+
+    home = tmp_path_factory.mktemp("flwr-home")
+    with simulation_superlink(home, REPO) as link:
+        yield link

@@ -1,4 +1,5 @@
-"""DSFedMed through Flower's simulation runtime on tiny phantoms, in every exchange mode."""
+"""DSFedMed through Flower's simulation runtime: logits exchange with a generator pool, resume, and
+real PolypGen sites (the weight-exchanging modes run in-process: tests/test_exchange_modes.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 
 import pytest
 
-from bench.flower_sim import flwr_run, simulation_superlink
+from bench.flower_sim import flwr_run
 from tests.conftest import POLYPGEN, REPO
 
 pytestmark = pytest.mark.integration
@@ -26,13 +27,6 @@ TINY = {
 }
 
 
-@pytest.fixture(scope="module")
-def link(tmp_path_factory):
-    home = tmp_path_factory.mktemp("flwr-home")
-    with simulation_superlink(home, REPO) as link:
-        yield link
-
-
 def _rows(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -45,21 +39,25 @@ def _run(link, tmp_path, sites=2, **overrides):
     return run_dir, _rows(run_dir), json.loads((run_dir / "summary.json").read_text())
 
 
-def test_logits_mode_with_generator_pool_and_two_architectures(link, tmp_path):
-    run_dir, rows, summary = _run(
-        link,
-        tmp_path,
-        sites=3,
-        **{
-            "holdout-site": "phantom-2",
-            "holdout-epochs": 1,
-            "pool-source": "generator",
-            "gen-steps": 3,
-            "gen-batch-size": 4,
-            "gen-sample-steps": 2,
-            "site-models": "phantom-0=unet,phantom-1=segresnet",
-        },
-    )
+# logits exchange with site generators, two site architectures and a held-out site
+GENERATOR_RUN = {
+    "holdout-site": "phantom-2",
+    "holdout-epochs": 1,
+    "pool-source": "generator",
+    "gen-steps": 3,
+    "gen-batch-size": 4,
+    "gen-sample-steps": 2,
+    "site-models": "phantom-0=unet,phantom-1=segresnet",
+}
+
+
+@pytest.fixture(scope="module")
+def generator_run(link, tmp_path_factory):
+    return _run(link, tmp_path_factory.mktemp("generator"), sites=3, **GENERATOR_RUN)
+
+
+def test_logits_mode_with_generator_pool_and_two_architectures(generator_run):
+    run_dir, rows, summary = generator_run
     assert summary["exchange"] == "logits" and summary["fm"] == "litemedsam"
     # the held-out site deploys the default model, bootstrapped after the rounds
     assert summary["site_models"] == {"phantom-0": "unet", "phantom-1": "segresnet", "phantom-2": "unet"}
@@ -83,20 +81,6 @@ def test_logits_mode_with_generator_pool_and_two_architectures(link, tmp_path):
     assert hold["site"] == "phantom-2" and hold["bootstrap"]["status"] == "trained"
     assert 0 <= hold["dice"] <= 1 and hold["n"] == 16
     assert all("phantom-2" not in r["sites"] for r in rows)
-
-
-@pytest.mark.parametrize("exchange", ["weights", "hybrid"])
-def test_weight_exchanging_modes(link, tmp_path, exchange):
-    run_dir, rows, summary = _run(
-        link, tmp_path, **{"exchange": exchange, "pool-source": "phantoms", "evaluate-every": 2}
-    )
-    assert summary["exchange"] == exchange
-    assert rows[1]["sites"] == {} and rows[1]["dice_mean"] is None  # validation every 2nd round
-    assert set(rows[2]["sites"]) == {"phantom-0", "phantom-1"}
-    for r in rows[1:]:
-        assert all(v["up"] > 100_000 for v in r["bytes_per_site"].values())  # weights go up
-    assert (run_dir / "checkpoints" / "global_final.pt").is_file()
-    assert summary["dice_test_mean"] is not None
 
 
 @pytest.mark.realdata
@@ -126,3 +110,39 @@ def test_dsfedmed_on_real_polypgen_sites_learns(link, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary["test"]) == {"C1", "C2", "C3"}
     assert summary["dice_test_mean"] > summary["dice_test_initial_mean"] + 0.08, summary
+
+
+def test_paused_and_resumed_run_equals_the_uninterrupted_one(link, generator_run, tmp_path):
+    """The same run paused after round 1's checkpoint and continued with ``resume-from`` in a new
+    Flower run (the pool reloaded, the FM, ensemble and site states restored, the held-out site
+    bootstrapped at the end) gives the uninterrupted run's metrics. A crash (the SuperLink killed)
+    and resume is in tests/test_deploy_e2e.py."""
+    from server_app.checkpoint import load_state
+
+    whole, a, sa = generator_run
+    cut = tmp_path / "cut"
+    out = flwr_run(
+        link, REPO, {**TINY, **GENERATOR_RUN, "run-dir": str(cut), "pause-after-round": 1}, num_supernodes=3
+    )
+    assert out.status == "finished:completed", out.details + out.output[-3000:]
+    paused = json.loads((cut / "summary.json").read_text())
+    assert paused["status"] == "paused" and paused["rounds"] == 1 and "resume-from" in paused["resume"]
+    assert [r["round"] for r in _rows(cut)] == [0, 1] and load_state(cut).round == 1
+    # a row written after the last checkpoint (a crash between the two) is dropped and redone
+    with open(cut / "metrics.jsonl", "a") as fh:
+        fh.write(json.dumps({"round": 2, "sites": {}}) + "\n")
+    out = flwr_run(link, REPO, {**TINY, **GENERATOR_RUN, "resume-from": str(cut)}, num_supernodes=3)
+    assert out.status == "finished:completed", out.details + out.output[-3000:]
+    b, sb = _rows(cut), json.loads((cut / "summary.json").read_text())
+    assert [r["round"] for r in b] == [r["round"] for r in a] == [0, 1, 2]  # none twice, none missing
+    for ra, rb in zip(a, b, strict=True):
+        assert set(ra["sites"]) == set(rb["sites"])
+        for site, v in ra["sites"].items():
+            assert rb["sites"][site]["dice"] == pytest.approx(v["dice"], abs=1e-5), (ra["round"], site)
+        assert rb.get("selected") == ra.get("selected")
+        if ra.get("fm_distill_loss") is not None:
+            assert rb["fm_distill_loss"] == pytest.approx(ra["fm_distill_loss"], rel=1e-4)
+    assert sb["status"] == "completed" and sb["rounds"] == 2 and sb["pool"]["id"] == sa["pool"]["id"]
+    for site, v in sa["test"].items():
+        assert sb["test"][site]["dice"] == pytest.approx(v["dice"], abs=1e-5)
+    assert sb["holdout"]["dice"] == pytest.approx(sa["holdout"]["dice"], abs=1e-5)

@@ -6,17 +6,10 @@ import json
 
 import pytest
 
-from bench.flower_sim import flwr_run, simulation_superlink
+from bench.flower_sim import flwr_run
 from tests.conftest import POLYPGEN, REPO
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def link(tmp_path_factory):
-    home = tmp_path_factory.mktemp("flwr-home")
-    with simulation_superlink(home, REPO) as link:
-        yield link
 
 
 def _assert_complete_run_dir(run_dir, rounds, sites):

@@ -666,3 +666,21 @@ def test_weights_of_a_wrong_dtype_are_refused_by_the_site(identity, tmp_path):
         and "complex64" in rep.error.reason
         and k in rep.error.reason
     )
+
+
+def test_a_site_cannot_claim_more_examples_than_its_profile(real, tmp_path):
+    """num-examples weighs a reply in the average: it is bounded by the training images the site
+    reported in its profile, so one site cannot take over the ensemble or the global model."""
+    from common.config import parse_run_config
+    from server_app.federation import Federation
+    from server_app.rundir import RunDirectory
+
+    strategy = DeadlineFedAvg(parse_run_config(FEDAVG), Federation(None), RunDirectory(tmp_path / "run"))
+    n = int(real["fedavg"][1].content.metric_records[P.KEY_METRICS][P.MET_NUM_EXAMPLES])
+    strategy.profiles["h"] = {"n-train": n}
+    assert strategy.validate_train_reply("h", real["fedavg"][1], real["reference"]) is None
+    inflated = _damaged(
+        real["fedavg"], **{P.KEY_METRICS: _metrics(real["fedavg"], **{P.MET_NUM_EXAMPLES: n * 1000})}
+    )
+    why = strategy.validate_train_reply("h", inflated, real["reference"])
+    assert why and f"more than the {n} training images" in why

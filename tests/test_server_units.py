@@ -8,8 +8,12 @@ import pytest
 from flwr.app import ConfigRecord, RecordDict
 
 from common.codec import message_nbytes, to_array_record
+from common.config import parse_run_config
+from server_app.checkpoint import ResumeError, ServerState, check_compatible, load_state, save_state
 from server_app.federation import Federation, FederationStopped
 from server_app.rundir import RunDirectory
+
+RESUME_CFG = {"method": "dsfedmed", "num-rounds": 2, "image-size": 32, "pool-source": "phantoms"}
 
 
 class FakeGrid:
@@ -190,3 +194,25 @@ def test_messages_carry_the_state_key_without_touching_shared_content(task_ident
     )
     assert P.CFG_STATE_KEY not in shared.config_records["config"]  # other sites' messages unchanged
     assert fed.make(2, "query.profile", RecordDict()).content.config_records["config"]["state-key"] == 42
+
+
+def test_resume_refuses_changed_settings_and_missing_checkpoints(tmp_path):
+    cfg = parse_run_config(RESUME_CFG)
+    st = ServerState(
+        round=2, state_key=9, method="dsfedmed", run_config=cfg.to_flat(), history=[], traffic_down={},
+        traffic_up={}, wall_seconds=1.0,
+    )  # fmt: skip
+    (tmp_path / "checkpoints").mkdir()
+    save_state(tmp_path / "checkpoints", st)
+    back = load_state(tmp_path)
+    assert back.round == 2 and back.state_key == 9 and "torch" in back.rng
+    check_compatible(back, parse_run_config({**RESUME_CFG, "num-rounds": 5, "round-timeout-s": 10.0}))
+    with pytest.raises(ResumeError, match="seed: 0 -> 1"):
+        check_compatible(back, parse_run_config({**RESUME_CFG, "num-rounds": 5, "seed": 1}))
+    with pytest.raises(ResumeError, match="already holds 2 round"):
+        check_compatible(back, parse_run_config({**RESUME_CFG, "num-rounds": 2}))
+    with pytest.raises(ResumeError, match="no server checkpoint"):
+        load_state(tmp_path / "elsewhere")
+    (tmp_path / "checkpoints" / "state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ResumeError, match="cannot be read"):
+        load_state(tmp_path)
