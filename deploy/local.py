@@ -236,6 +236,25 @@ class LocalTrial:
                 self.echo(f"registered {site.name} as node {self.register(site)}")
             self.start_supernode(site)
 
+    def wait_online(self, timeout_s: float = 120) -> None:
+        """Until every registered site's SuperNode is online at the SuperLink (``flwr supernode list``)."""
+        want = {
+            str(self.node_ids[s.name]) for s in self.cfg.sites if s.registered and s.name in self.node_ids
+        }
+        deadline = time.monotonic() + timeout_s
+        while True:
+            res = self.flwr("supernode", "list", CONNECTION, "--format", "json")
+            try:
+                nodes = json.loads(res.stdout)["nodes"]
+            except (ValueError, KeyError):
+                nodes = []
+            online = {str(n["node-id"]) for n in nodes if n.get("status") == "online"}
+            if want <= online:
+                return
+            if time.monotonic() > deadline:
+                raise TrialError(f"sites not online after {timeout_s:.0f} s: nodes {sorted(want - online)}")
+            time.sleep(1)
+
     # --- the run -----------------------------------------------------------------------------
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run(

@@ -66,3 +66,16 @@ def link(tmp_path_factory):
     home = tmp_path_factory.mktemp("flwr-home")
     with simulation_superlink(home, REPO) as link:
         yield link
+
+
+@pytest.fixture(scope="session")
+def polypgen_split(tmp_path_factory) -> Path:
+    """A split file capping each PolypGen hospital at 96 training, 24 validation and 48 test images
+    (the run's own grouped split, cut), so that the real-data runs stay real and take less time."""
+    from bench.data import write_capped_split
+
+    out = tmp_path_factory.mktemp("polypgen-split") / "split.json"
+    with pytest.MonkeyPatch.context() as mp:  # the session's private cache, never the user's
+        mp.setenv("DSFEDMED_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "dsfedmed-cache"))
+        write_capped_split(POLYPGEN, out, 64, (96, 24, 48))
+    return out

@@ -66,22 +66,22 @@ def _wait_round(metrics, rnd: int, timeout_s: float = 600) -> None:
 def test_tls_trial_policy_audit_and_crashes_of_a_site_and_the_superlink(tmp_path, keys):
     """One trial (the e2e runs are the suite's slowest, so one federation carries the scenario):
 
-    - 3 registered sites with data folders on disk; a 4th SuperNode whose key was never
+    - 2 registered sites with data folders on disk; a 3rd SuperNode whose key was never
       registered is refused;
-    - site-1's policy refuses the generator upload (the pool comes from the other two) and puts DP
-      noise on its probabilities;
-    - site-2's SuperNode is killed (SIGKILL) after round 1: round 2 goes on without it, recorded
+    - site-1's policy refuses the generator upload (the pool comes from site-0's generator) and
+      puts DP noise on its probabilities;
+    - site-1's SuperNode is killed (SIGKILL) after round 1: round 2 goes on without it, recorded
       as dropped;
-    - after round 2 site-2 comes back, and the SuperLink is killed with the ServerApp it runs; it
+    - after round 2 site-1 comes back, and the SuperLink is killed with the ServerApp it runs; it
       restarts on the same state database, the SuperNodes reconnect, and the run resumed from its
-      checkpoint (``resume-from``) completes round 3 with all three sites, site-2 continuing from
-      its state on disk;
+      checkpoint (``resume-from``) completes round 3 with both sites, site-1 continuing from its
+      state on disk;
     - every site's audit log then proves that none of its images or masks, nor anything shaped
       like them, left it; the operator's report and prediction work on the real run.
     """
     from common.phantoms import write_phantom_site
 
-    folders = {f"site-{i}": write_phantom_site(tmp_path / f"data-{i}", i, 16, 48) for i in range(3)}
+    folders = {f"site-{i}": write_phantom_site(tmp_path / f"data-{i}", i, 16, 48) for i in range(2)}
     policy = tmp_path / "site-1-policy.toml"
     policy.write_text(
         "allow-generator-upload = false\n[dp]\nenabled = true\nclip = 40.0\nnoise-multiplier = 0.5\n"
@@ -98,7 +98,7 @@ def test_tls_trial_policy_audit_and_crashes_of_a_site_and_the_superlink(tmp_path
         run_config={
             **TINY_GEN,
             "num-rounds": 3,
-            "min-sites": 2,
+            "min-sites": 1,
             "round-timeout-s": 30,
             "sampling-deadline-s": 15,
             "evaluate-every": 2,  # validation after rounds 2 and 3 (and the baseline at 0)
@@ -110,6 +110,7 @@ def test_tls_trial_policy_audit_and_crashes_of_a_site_and_the_superlink(tmp_path
     metrics = run_dir / "metrics.jsonl"
     with LocalTrial(cfg, echo=lambda m: None) as trial:
         trial.start()
+        trial.wait_online()  # min-sites is 1: the roster must not start without site-1
         procs = dict(trial.procs)
         first: dict = {}
 
@@ -125,26 +126,26 @@ def test_tls_trial_policy_audit_and_crashes_of_a_site_and_the_superlink(tmp_path
         assert _wait_exit(procs["supernode-rogue"], 120) not in (None, 0)
         rogue_log = (trial.logs / "supernode-rogue.log").read_text()
         assert "Failed to activate SuperNode" in rogue_log, rogue_log[-2000:]
-        # site-2 crashes as soon as round 1 is logged: round 2 must go on without it
+        # site-1 crashes as soon as round 1 is logged: round 2 must go on without it
         _wait_round(metrics, 1)
-        trial.kill("supernode-site-2")
+        trial.kill("supernode-site-1")
         _wait_round(metrics, 2)
-        # site-2 comes back; the SuperLink (and the ServerApp it runs) crashes, and restarts
-        trial.restart_site("site-2")
+        # site-1 comes back; the SuperLink (and the ServerApp it runs) crashes, and restarts
+        trial.restart_site("site-1")
         trial.kill("superlink")
         trial.kill("flwr-run")  # the operator's `flwr run` lost its SuperLink too
         assert (run_dir / "checkpoints" / "state.pt").is_file()
-        survivors = {k: trial.procs[k] for k in ("supernode-site-0", "supernode-site-1", "supernode-site-2")}
+        survivors = {k: trial.procs[k] for k in ("supernode-site-0", "supernode-site-1")}
         trial.restart_superlink()
         runner.join(300)
         assert not runner.is_alive()
-        res = trial.run({"resume-from": str(run_dir), "min-sites": 3})
+        res = trial.run({"resume-from": str(run_dir), "min-sites": 2})
         assert all(p.poll() is None for p in survivors.values()), "a SuperNode gave up on the SuperLink"
         procs.update(trial.procs)
     # every process the trial started is gone
     assert all(p.poll() is not None for p in procs.values())
     assert res.completed, f"{res.status} {res.details}\n{res.output[-3000:]}"
-    assert set(res.node_ids) == {"site-0", "site-1", "site-2"}
+    assert set(res.node_ids) == {"site-0", "site-1"}
     assert (trial.work / "superlink" / "state.db").stat().st_size > 0  # persistent SuperLink state
 
     rows = [json.loads(x) for x in metrics.read_text().splitlines()]
@@ -152,24 +153,24 @@ def test_tls_trial_policy_audit_and_crashes_of_a_site_and_the_superlink(tmp_path
     for r in rows:
         assert all(0 <= v["dice"] <= 1 and v["n"] > 0 for v in r["sites"].values())
         assert r["bytes_down"] > 0 and r["bytes_up"] > 0
-    assert set(rows[0]["sites"]) == {"site-0", "site-1", "site-2"} and rows[1]["sites"] == {}
+    assert set(rows[0]["sites"]) == {"site-0", "site-1"} and rows[1]["sites"] == {}
     assert not rows[0]["dropped"] and not rows[1]["dropped"]  # round 1: every site trained
     # gone before round 2 asked it (absent) or in the middle of it (no answer): dropped either way
-    assert "site-2" in rows[2]["dropped"] and set(rows[2]["sites"]) == {"site-0", "site-1"}
-    assert set(rows[3]["sites"]) == {"site-0", "site-1", "site-2"} and not rows[3]["dropped"]
-    # site-2 continued from its state on disk, kept under the first run's key
+    assert "site-1" in rows[2]["dropped"] and set(rows[2]["sites"]) == {"site-0"}
+    assert set(rows[3]["sites"]) == {"site-0", "site-1"} and not rows[3]["dropped"]
+    # site-1 continued from its state on disk, kept under the first run's key
     # (after round 1, or after round 2 if it had trained round 2 when it was killed: its reply was lost)
-    log = (trial.logs / "supernode-site-2.log").read_text()
-    assert re.search(r"site-2: round 3 starts from its state after round [12]\b", log), log[-3000:]
-    (state_dir,) = (trial.work / "sites" / "site-2" / "state").glob("run-*")
-    assert (state_dir / "site-2" / "round-0003.pt").is_file()
+    log = (trial.logs / "supernode-site-1.log").read_text()
+    assert re.search(r"site-1: round 3 starts from its state after round [12]\b", log), log[-3000:]
+    (state_dir,) = (trial.work / "sites" / "site-1" / "state").glob("run-*")
+    assert (state_dir / "site-1" / "round-0003.pt").is_file()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["method"] == "dsfedmed" and summary["rounds"] == 3
     assert "rogue" not in json.loads((run_dir / "config.json").read_text())["site_profiles"]
-    assert set(summary["test"]) == {"site-0", "site-1", "site-2"}
+    assert set(summary["test"]) == {"site-0", "site-1"}
     assert (run_dir / "pool.png").is_file() and (run_dir / "dice.png").is_file()
-    # site-1's policy refused the generator upload: the pool comes from site-0 and site-2
-    assert set(summary["pool"]["generators"]) == {"site-0", "site-2"}
+    # site-1's policy refused the generator upload: the pool comes from site-0's generator
+    assert set(summary["pool"]["generators"]) == {"site-0"}
     assert "policy allow-generator-upload" in summary["pool"]["generator_errors"]["site-1"]
     _audit_proves_no_site_data_left(trial.work, folders)
     _report_and_predict_at_site_0(tmp_path, run_dir, trial.work / "sites" / "site-0" / "state", folders)
@@ -184,7 +185,7 @@ def _report_and_predict_at_site_0(tmp_path, run_dir, state, folders):
     assert res.exit_code == 0, res.output
     html = (tmp_path / "report" / "report.html").read_text()
     HTMLParser().feed(html)
-    assert all(f"site-{i}" in html for i in range(3)) and "data:image/png;base64," in html
+    assert all(f"site-{i}" in html for i in range(2)) and "data:image/png;base64," in html
     node = f"data-dir='{folders['site-0']}' site-name='site-0' state-dir='{state}'"
     res = CliRunner().invoke(
         app, ["report", str(run_dir), "--out", str(tmp_path / "site-report"), "--site-node-config", node]

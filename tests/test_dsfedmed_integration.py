@@ -53,6 +53,9 @@ GENERATOR_RUN = {
 
 @pytest.fixture(scope="module")
 def generator_run(link, tmp_path_factory):
+    # pool-dir: the resume test's runs reuse this run's pool (and its FM embeddings) instead of
+    # training the site generators again; a reused pool is the same pool, so results must match
+    GENERATOR_RUN["pool-dir"] = str(tmp_path_factory.mktemp("pools"))
     return _run(link, tmp_path_factory.mktemp("generator"), sites=3, **GENERATOR_RUN)
 
 
@@ -85,7 +88,7 @@ def test_logits_mode_with_generator_pool_and_two_architectures(generator_run):
 
 @pytest.mark.realdata
 @pytest.mark.skipif(not POLYPGEN.is_dir(), reason="../shared/data/polypgen not present")
-def test_dsfedmed_on_real_polypgen_sites_learns(link, tmp_path):
+def test_dsfedmed_on_real_polypgen_sites_learns(link, tmp_path, polypgen_split):
     run_dir = tmp_path / "run"
     out = flwr_run(
         link,
@@ -93,6 +96,7 @@ def test_dsfedmed_on_real_polypgen_sites_learns(link, tmp_path):
         {
             "method": "dsfedmed",
             "data-root": str(POLYPGEN),
+            "split-file": str(polypgen_split),  # 96 training images per hospital
             "num-rounds": 5,
             "image-size": 64,
             "local-epochs": 2,
@@ -109,7 +113,7 @@ def test_dsfedmed_on_real_polypgen_sites_learns(link, tmp_path):
     assert out.status == "finished:completed", out.details + out.output[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary["test"]) == {"C1", "C2", "C3"}
-    assert summary["dice_test_mean"] > summary["dice_test_initial_mean"] + 0.08, summary
+    assert summary["dice_test_mean"] > summary["dice_test_initial_mean"] + 0.03, summary
 
 
 def test_paused_and_resumed_run_equals_the_uninterrupted_one(link, generator_run, tmp_path):

@@ -47,7 +47,7 @@ def test_bad_run_config_fails_the_run_with_the_key_named(link, tmp_path):
 
 @pytest.mark.realdata
 @pytest.mark.skipif(not POLYPGEN.is_dir(), reason="../shared/data/polypgen not present")
-def test_fedavg_on_real_polypgen_sites_learns(link, tmp_path):
+def test_fedavg_on_real_polypgen_sites_learns(link, tmp_path, polypgen_split):
     run_dir = tmp_path / "run"
     out = flwr_run(
         link,
@@ -55,6 +55,7 @@ def test_fedavg_on_real_polypgen_sites_learns(link, tmp_path):
         {
             "method": "fedavg",
             "data-root": str(POLYPGEN),
+            "split-file": str(polypgen_split),  # 96 training images per hospital
             "num-rounds": 5,
             "image-size": 64,
             "local-epochs": 2,
@@ -67,4 +68,4 @@ def test_fedavg_on_real_polypgen_sites_learns(link, tmp_path):
     )
     assert out.status == "finished:completed", out.details + out.output[-3000:]
     rows, summary = _assert_complete_run_dir(run_dir, 5, ["C1", "C2", "C3"])
-    assert summary["dice_test_mean"] > summary["dice_test_initial_mean"] + 0.08, summary
+    assert summary["dice_test_mean"] > summary["dice_test_initial_mean"] + 0.03, summary
