@@ -10,14 +10,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cli.output import fail as _fail
 from ops.audit import AuditLogError, data_leaks, read_audit, select, summarise
 
 console = Console()
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    console.print(f"[red]error:[/] {message}", soft_wrap=True)
-    return typer.Exit(code)
 
 
 def _mb(n: int) -> str:

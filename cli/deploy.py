@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cli.output import fail as _fail
 from deploy.certs import CertError, KeySpec, add_site, make_federation_keys
 from deploy.processes import register_node_key
 
@@ -19,12 +20,6 @@ deploy_app = typer.Typer(
     no_args_is_help=True,
 )
 console = Console()
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    """Print what is wrong in full (no wrapping, so it can be copied and searched) and exit."""
-    console.print(f"[red]error:[/] {message}", soft_wrap=True)
-    return typer.Exit(code)
 
 
 KeysOpt = Annotated[Path, typer.Option("--keys", help="the key set's folder (from `dsfedmed deploy keys`)")]

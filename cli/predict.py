@@ -10,16 +10,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from cli.output import fail as _fail
 from common.runtime import configure_threads
 from ops.predict import PredictError, list_images, load_model, load_site_model, predict_folder
 
 console = Console()
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    """Print what is wrong in full (no wrapping, so it can be copied and searched) and exit."""
-    console.print(f"[red]error:[/] {message}", soft_wrap=True)
-    return typer.Exit(code)
 
 
 def predict(

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from cli.output import fail as _fail
 from ops.preflight import GIB, MIB, Check, ServerInputs, SiteInputs, Thresholds, failed
 
 preflight_app = typer.Typer(
@@ -27,11 +28,6 @@ STYLE = {"ok": "green", "warn": "yellow", "fail": "red"}
 class Format(StrEnum):
     text = "text"
     json = "json"
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    console.print(f"[red]error:[/] {escape(message)}", soft_wrap=True)
-    return typer.Exit(code)
 
 
 def report(checks: list[Check], fmt: Format) -> None:

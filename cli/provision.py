@@ -11,12 +11,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from cli.output import fail as _fail
+
 console = Console()
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    console.print(f"[red]error:[/] {escape(message)}", soft_wrap=True)
-    return typer.Exit(code)
 
 
 def _per_site(values: list[str], sites: list[str], option: str) -> dict[str, str]:

@@ -8,17 +8,12 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from cli.output import fail as _fail
 from common.runtime import configure_threads
 from ops.configs import read_node_config
 from ops.report import ReportError, SiteOptions, write_report
 
 console = Console()
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    """Print what is wrong in full (no wrapping, so it can be copied and searched) and exit."""
-    console.print(f"[red]error:[/] {message}", soft_wrap=True)
-    return typer.Exit(code)
 
 
 def report(

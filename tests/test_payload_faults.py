@@ -28,6 +28,7 @@ from server_app.dsfedmed import DSFedMedStrategy
 from server_app.fedavg import DeadlineFedAvg
 from server_app.federation import Exchange, Federation
 from server_app.rundir import RunDirectory
+from tests.test_handlers_dsfedmed import _train_msg
 
 FEDAVG = {
     "method": "fedavg",
@@ -80,25 +81,8 @@ def _pool(n: int = 6, size: int = 32):
 
 
 def _dsfedmed_request(selected=SELECTED, pool=None, soft=None, pool_id="p1", included="all") -> Message:
-    images, masks = pool if pool is not None else _pool()
-    if soft is None:
-        soft = encode_probs(np.full((len(selected), 1, 16, 16), 0.3), 16, "uint8")
-    rec = RecordDict(
-        {
-            P.KEY_CONFIG: ConfigRecord(
-                {
-                    P.CFG_ROUND: 1,
-                    P.CFG_POOL_ID: pool_id,
-                    P.CFG_SELECTED: selected,
-                    P.CFG_POOL_INCLUDED: included,
-                }
-            ),
-            P.KEY_SOFT: to_array_record({P.ARR_PROBS: soft}),
-        }
-    )
-    if included == "all":
-        rec[P.KEY_POOL] = to_array_record({P.ARR_IMAGES: images, P.ARR_MASKS: masks})
-    return Message(rec, dst_node_id=3, message_type=P.MSG_TRAIN)
+    """A DSFedMed train request, as tests/test_handlers_dsfedmed.py builds them."""
+    return _train_msg(selected, included=included, soft=soft, pool=pool, pool_id=pool_id)
 
 
 @pytest.fixture(scope="module")
