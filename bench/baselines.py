@@ -3,7 +3,10 @@
 ``local``: every training site trains its own model on its own data alone.
 ``central``: one model trained on the pooled training data of all training sites (upper bound).
 Both train ``num-rounds x local-epochs`` epochs, in blocks of ``local-epochs`` with the same
-per-round seeds as the federated sites, and validate after every block (the Dice curve).
+per-round seeds and learning-rate schedule as the federated sites, keep their AdamW state across
+blocks (as every federated site does), validate every ``evaluate-every`` blocks (the Dice curve)
+and count their optimiser steps: ``local`` per site, ``central`` in all (= the sum of the sites'
+steps for the same epochs).
 """
 
 from __future__ import annotations
@@ -38,22 +41,31 @@ def _mean(scores: dict[str, dict], key: str) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
+def _point(rnd: int, scores: dict[str, dict]) -> dict:
+    return {"round": rnd, "dice_mean": _mean(scores, "dice"), "dice05_mean": _mean(scores, "dice05")}
+
+
+def _due(cfg: RunConfig, rnd: int) -> bool:
+    return rnd % cfg.evaluate_every == 0 or rnd == cfg.num_rounds
+
+
 def run_local(cfg: RunConfig, num_sites: int) -> dict:
     t0 = time.time()
     trainers, holdout = _trainers(cfg, num_sites)
-    curve = [{"round": 0, "dice_mean": _mean({t.site.name: t.evaluate("val") for t in trainers}, "dice")}]
+    steps = {t.site.name: 0 for t in trainers}
+    curve = [_point(0, {t.site.name: t.evaluate("val") for t in trainers})]
     for rnd in range(1, cfg.num_rounds + 1):
         for tr in trainers:
-            tr.train(TrainSettings.from_run(cfg, rnd))
-        curve.append(
-            {"round": rnd, "dice_mean": _mean({t.site.name: t.evaluate("val") for t in trainers}, "dice")}
-        )
+            steps[tr.site.name] += int(tr.train(TrainSettings.from_run(cfg, rnd))["steps"])
+        if _due(cfg, rnd):
+            curve.append(_point(rnd, {t.site.name: t.evaluate("val") for t in trainers}))
     test = {t.site.name: t.evaluate("test") for t in trainers}
     return {
         "test": test,
         # a site that never trains has no model of its own: leave-one-site-out does not apply
         "holdout": None if holdout is None else {"site": holdout.site.name, "dice": None, "iou": None},
         "curve": curve,
+        "steps_private_per_site": steps,
         "seconds": time.time() - t0,
     }
 
@@ -74,13 +86,21 @@ def run_central(cfg: RunConfig, num_sites: int) -> dict:
             out[tr.site.name] = tr.evaluate(split)
         return out
 
-    curve = [{"round": 0, "dice_mean": _mean(scores("val"), "dice")}]
+    curve = [_point(0, scores("val"))]
+    steps = 0
     for rnd in range(1, cfg.num_rounds + 1):
-        central.train(TrainSettings.from_run(cfg, rnd), images, masks)
-        curve.append({"round": rnd, "dice_mean": _mean(scores("val"), "dice")})
+        steps += int(central.train(TrainSettings.from_run(cfg, rnd), images, masks)["steps"])
+        if _due(cfg, rnd):
+            curve.append(_point(rnd, scores("val")))
     test = scores("test")
     hold = None
     if holdout is not None:
         holdout.set_weights(central.get_weights())
         hold = {"site": holdout.site.name, **holdout.evaluate("all")}
-    return {"test": test, "holdout": hold, "curve": curve, "seconds": time.time() - t0}
+    return {
+        "test": test,
+        "holdout": hold,
+        "curve": curve,
+        "steps_private_per_site": {"pooled": steps},
+        "seconds": time.time() - t0,
+    }

@@ -29,10 +29,16 @@ def default_polypgen_root() -> Path:
 
 
 def write_capped_split(
-    data_root: Path, out: Path, image_size: int, caps: tuple[int, int, int], seed: int = 0
+    data_root: Path,
+    out: Path,
+    image_size: int,
+    caps: tuple[int, int, int] | None,
+    seed: int = 0,
+    fractions: tuple[float, float] | None = None,
 ) -> dict[str, dict[str, int]]:
     """One split file for every method and seed: the run's own grouped split (videos never cross
-    train/test) with seed ``seed``, each part cut to at most ``caps`` = (train, val, test) pairs.
+    train/test) with seed ``seed`` and (val, test) ``fractions``, each part cut to at most
+    ``caps`` = (train, val, test) pairs (None: every pair).
 
     Returns the per-site sizes. Sites are decoded through the same on-disk cache the sites use.
     """
@@ -46,13 +52,13 @@ def write_capped_split(
             site.stems,
             seed=seed,
             site=site.name,
-            val_fraction=defaults.val_fraction,
-            test_fraction=defaults.test_fraction,
+            val_fraction=fractions[0] if fractions else defaults.val_fraction,
+            test_fraction=fractions[1] if fractions else defaults.test_fraction,
             group_regex=defaults.split_group_regex,
         )
         capped = {
-            p: [site.stems[i] for i in parts[p][:cap]]
-            for p, cap in zip(("train", "val", "test"), caps, strict=True)
+            p: [site.stems[i] for i in (parts[p][:cap] if cap else parts[p])]
+            for p, cap in zip(("train", "val", "test"), caps or (0, 0, 0), strict=True)
         }
         split[site.name] = capped
         sizes[site.name] = {p: len(v) for p, v in capped.items()}

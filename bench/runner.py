@@ -18,9 +18,11 @@ from bench.flower_sim import flwr_run, simulation_superlink
 from bench.measure import PeakMemory, inference_ms
 from bench.profiles import Profile, Variant
 from common.config import parse_run_config
+from common.fileio import atomic_write_text
 from common.foundation import PromptFreeSegmenter, load_foundation_model
 from common.models import build_model, count_parameters
 from common.runtime import configure_threads
+from server_app.rundir import json_safe
 
 
 def _config_hash(cfg: dict) -> str:
@@ -51,6 +53,33 @@ def measure_inference(profile: Profile, fm_repeats: int = 5, site_repeats: int =
     return out
 
 
+_SCORE_KEYS = ("dice", "iou", "dice05", "iou05", "n")
+
+
+def _site_scores(test: dict) -> dict:
+    return {s: {k: v.get(k) for k in _SCORE_KEYS} for s, v in test.items()}
+
+
+def _means(test: dict) -> dict:
+    valid = [v for v in test.values() if v.get("n")]
+    out = {}
+    for k in ("dice", "iou", "dice05", "iou05"):
+        vals = [v[k] for v in valid if v.get(k) is not None]
+        out[f"{k}_test_mean"] = sum(vals) / len(vals) if vals else None
+    return out
+
+
+def _holdout(hold: dict | None) -> dict:
+    hold = hold or {}
+    return {
+        "dice_holdout": hold.get("dice"),
+        "iou_holdout": hold.get("iou"),
+        "dice05_holdout": hold.get("dice05"),
+        "iou05_holdout": hold.get("iou05"),
+        "holdout_site": hold.get("site"),
+    }
+
+
 def _flower_record(run_dir: Path, wall: float, peak_mb: float, status: str, details: str) -> dict:
     rec: dict = {
         "status": status,
@@ -67,19 +96,27 @@ def _flower_record(run_dir: Path, wall: float, peak_mb: float, status: str, deta
     cum, curve = 0, []
     for r in rows:
         cum += r["bytes_down"] + r["bytes_up"]
-        curve.append({"round": r["round"], "dice_mean": r["dice_mean"], "bytes_cum": cum})
-    hold = summary.get("holdout") or {}
+        if r.get("dice_mean") is not None or r["round"] == 0:
+            curve.append(
+                {
+                    "round": r["round"],
+                    "dice_mean": r["dice_mean"],
+                    "dice05_mean": r.get("dice05_mean"),
+                    "bytes_cum": cum,
+                }
+            )
+    test = _site_scores(summary["test"])
     rec.update(
         status="completed" if summary.get("status") == "completed" else summary.get("status", "unknown"),
-        test={s: {"dice": v["dice"], "iou": v["iou"], "n": v["n"]} for s, v in summary["test"].items()},
-        dice_test_mean=summary["dice_test_mean"],
-        iou_test_mean=summary["iou_test_mean"],
-        dice_holdout=hold.get("dice"),
-        iou_holdout=hold.get("iou"),
-        holdout_site=hold.get("site"),
+        test=test,
+        **_means(test),
+        **_holdout(summary.get("holdout")),
         bytes_total=summary["bytes_total"],
         bytes_down=summary["bytes_down_total"],
         bytes_up=summary["bytes_up_total"],
+        bytes_by_kind=summary.get("bytes_by_kind", {}),
+        steps_private_per_site=summary.get("steps_private_per_site", {}),
+        steps_distill_per_site=summary.get("steps_distill_per_site", {}),
         rounds=summary["rounds"],
         n_sites=len(summary["sites"]),
         server_seconds_per_round=(
@@ -88,28 +125,27 @@ def _flower_record(run_dir: Path, wall: float, peak_mb: float, status: str, deta
         setup_seconds=rows[0]["seconds"] if rows else None,
         curve=curve,
         model=summary.get("model"),
+        extra={k: summary[k] for k in ("fm_eval", "pool") if k in summary},
     )
     return rec
 
 
 def _inprocess_record(res: dict, cfg, wall: float, peak_mb: float) -> dict:
-    test = {s: {"dice": v["dice"], "iou": v["iou"], "n": v["n"]} for s, v in res["test"].items()}
-    valid = [v for v in test.values() if v["n"] > 0]
-    hold = res["holdout"] or {}
+    test = _site_scores(res["test"])
     return {
         "status": "completed",
         "details": "",
         "seconds_total": wall,
         "peak_rss_mb": peak_mb,
         "test": test,
-        "dice_test_mean": sum(v["dice"] for v in valid) / len(valid),
-        "iou_test_mean": sum(v["iou"] for v in valid) / len(valid),
-        "dice_holdout": hold.get("dice"),
-        "iou_holdout": hold.get("iou"),
-        "holdout_site": hold.get("site"),
+        **_means(test),
+        **_holdout(res["holdout"]),
         "bytes_total": 0,
         "bytes_down": 0,
         "bytes_up": 0,
+        "bytes_by_kind": {},
+        "steps_private_per_site": res.get("steps_private_per_site", {}),
+        "steps_distill_per_site": {},
         "rounds": cfg.num_rounds,
         "n_sites": len(test),
         "server_seconds_per_round": None,
@@ -127,23 +163,41 @@ class BenchRunner:
         work_dir: Path,
         log: Callable[[str], None] = print,
         only: set[str] | None = None,
+        units_dir: Path | None = None,
     ):
+        """``units_dir``: one JSON file per (variant, seed) and one for the floors, written as each
+        finishes (the CLI keeps them beside the results, in the repository, so that an interrupted
+        benchmark resumes and its table rebuilds from whatever units exist)."""
         self.profile = profile
         self.data_root = data_root
         self.work = work_dir.resolve()
         self.log = log
         self.only = only
-        self.records_path = self.work / "runs.jsonl"
+        self.units_dir = (units_dir or self.work / "units").resolve()
+        self.records_path = self.units_dir  # where the results are (for log lines)
+        self.split_sizes: dict | None = None
 
     # --- bookkeeping -------------------------------------------------------------------------
     def load_records(self) -> list[dict]:
-        if not self.records_path.is_file():
+        """Every unit's record (the floors unit apart: :meth:`load_floors`)."""
+        if not self.units_dir.is_dir():
             return []
-        return [json.loads(x) for x in self.records_path.read_text().splitlines() if x.strip()]
+        out = []
+        for path in sorted(self.units_dir.glob("*.json")):
+            if path.name == "floors.json":
+                continue
+            out.append(json.loads(path.read_text()))
+        return out
+
+    def load_floors(self) -> dict | None:
+        path = self.units_dir / "floors.json"
+        return json.loads(path.read_text()) if path.is_file() else None
 
     def _append(self, rec: dict) -> None:
-        with open(self.records_path, "a") as fh:
-            fh.write(json.dumps(rec) + "\n")
+        """Write one unit's record (a re-run of the same variant and seed replaces it)."""
+        self.units_dir.mkdir(parents=True, exist_ok=True)
+        name = f"{rec['variant']}-s{rec['seed']}.json"
+        atomic_write_text(self.units_dir / name, json.dumps(json_safe(rec), indent=1) + "\n")
 
     def base_config(self) -> dict:
         p = self.profile
@@ -155,8 +209,10 @@ class BenchRunner:
                     f"not found at {self.data_root} (set --data-root or $DSFEDMED_POLYPGEN)"
                 )
             split_path = self.work / "split.json"
-            if p.caps is not None:
-                self.split_sizes = write_capped_split(self.data_root, split_path, p.image_size, p.caps)
+            if p.caps is not None or p.fractions is not None:
+                self.split_sizes = write_capped_split(
+                    self.data_root, split_path, p.image_size, p.caps, fractions=p.fractions
+                )
                 split_file = str(split_path)
         base = p.base_run_config(
             str(self.data_root) if p.data == "polypgen" else "", split_file, str(self.work / "pool")
@@ -169,7 +225,6 @@ class BenchRunner:
     def run(self) -> list[dict]:
         p = self.profile
         self.work.mkdir(parents=True, exist_ok=True)
-        self.split_sizes: dict | None = None
         base = self.base_config()
         done = {
             (r["variant"], r["seed"], r["config_hash"])
@@ -196,6 +251,30 @@ class BenchRunner:
                 self._run_inprocess(v, s, base)
         return self.load_records()
 
+    def run_floors(self, with_fm: bool = True) -> dict:
+        """The floors unit (untrained at every seed, all-foreground, all-background, the FM
+        zero-shot and the FM's box-from-mask oracle), computed once per split and config."""
+        from bench.floors import compute_floors
+
+        self.work.mkdir(parents=True, exist_ok=True)
+        base = self.base_config()
+        key = _config_hash({**base, "seeds": list(self.profile.seeds), "with-fm": with_fm})
+        have = self.load_floors()
+        if have is not None and have.get("config_hash") == key:
+            return have
+        self.log(
+            "floors: untrained, all-foreground, all-background"
+            + (", FM zero-shot, oracle" if with_fm else "")
+        )
+        t0 = time.time()
+        floors = compute_floors(
+            parse_run_config(base), self.profile.num_sites, self.profile.seeds, with_fm=with_fm, log=self.log
+        )
+        floors.update(config_hash=key, seconds_total=time.time() - t0)
+        self.units_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.units_dir / "floors.json", json.dumps(json_safe(floors), indent=1) + "\n")
+        return floors
+
     def _pool_stage(self, link, base: dict) -> None:
         """Build the synthetic pool (site generators, sampling) and the FM's embeddings once: a
         one-round DSFedMed run whose pool-dir every later DSFedMed run reuses."""
@@ -219,6 +298,9 @@ class BenchRunner:
                 "config_hash": _config_hash(cfg),
                 "seconds_total": time.time() - t0,
                 "run_dir": str(run_dir),
+                # measured by the server per message kind: the generator uploads are the "generator"
+                # share, charged to every DSFedMed run that reuses this pool
+                "bytes_by_kind": json.loads((run_dir / "summary.json").read_text()).get("bytes_by_kind", {}),
             }
         )
 
@@ -242,7 +324,7 @@ class BenchRunner:
         cfg_dict = v.run_config(base, seed)
         cfg = parse_run_config(cfg_dict)
         self.log(f"{v.name} seed {seed}: in-process ({v.kind}, not federated)")
-        configure_threads(2)
+        configure_threads(cfg.num_threads)  # as one simulated site: num-threads (default 1)
         t0 = time.time()
         with PeakMemory() as mem:
             fn = run_local if v.kind == "local" else run_central
@@ -262,8 +344,9 @@ class BenchRunner:
         self._append(rec)
         if rec["status"] == "completed":
             self.log(
-                f"  -> test Dice {rec['dice_test_mean']:.3f}, holdout "
-                f"{'n/a' if rec['dice_holdout'] is None else format(rec['dice_holdout'], '.3f')}, "
+                f"  -> test Dice@0.5 {rec['dice05_test_mean']:.3f} (threshold-averaged "
+                f"{rec['dice_test_mean']:.3f}), held-out "
+                f"{'n/a' if rec['dice05_holdout'] is None else format(rec['dice05_holdout'], '.3f')}, "
                 f"{rec['bytes_total'] / 1e6:.2f} MB, {rec['seconds_total']:.0f} s"
             )
         else:

@@ -73,19 +73,25 @@ def run(
     work_dir: WorkOpt = None,
     only: Annotated[str, typer.Option(help="comma-separated variant names to run (default all)")] = "",
     fresh: Annotated[
-        bool, typer.Option(help="forget earlier runs of this profile (default: resume)")
+        bool, typer.Option(help="forget earlier units of this profile (default: resume)")
     ] = False,
+    floors: Annotated[
+        bool, typer.Option(help="compute the floors unit (untrained, constant, FM zero-shot) first")
+    ] = True,
 ) -> None:
-    """Run every method and seed of a profile (resuming where an earlier call stopped), then write
-    ``<profile>.json``, ``<profile>.md`` and the plots."""
+    """Run every method and seed of a profile as resumable units (one JSON file per method and
+    seed under ``<results-dir>/units/<profile>/``, written as each finishes), then rebuild
+    ``<profile>.json``, ``<profile>.md`` and the plots from whatever units exist."""
     _flwr_env()
     from bench.report import aggregate, write_results
     from bench.runner import BenchRunner, measure_inference
 
     p = _profile(profile)
     work = (work_dir or REPO / "bench" / "work" / p.name).resolve()
-    if fresh and (work / "runs.jsonl").exists():
-        (work / "runs.jsonl").unlink()
+    units = (results_dir / "units" / p.name).resolve()
+    if fresh and units.is_dir():
+        for f in units.glob("*.json"):
+            f.unlink()
     root = (data_root or default_polypgen_root()) if p.data == "polypgen" else None
     runner = BenchRunner(
         p,
@@ -93,12 +99,14 @@ def run(
         work,
         log=lambda m: console.print(f"[bold cyan]bench[/] {m}"),
         only=set(filter(None, only.split(","))) or None,
+        units_dir=units,
     )
     with stop_children_on_sigterm():  # a stopped bench stops its SuperLink and sites by PID
+        floor_rows = runner.run_floors(with_fm=p.meaningful) if floors else runner.load_floors()
         records = runner.run()
     console.print("[bold cyan]bench[/] measuring inference time (batch 1, CPU)")
     timing = measure_inference(p)
-    res = aggregate(p, records, timing, runner.split_sizes)
+    res = aggregate(p, records, timing, runner.split_sizes, floor_rows)
     paths = write_results(res, results_dir.resolve())
     _print_table(res)
     for k, v in paths.items():
@@ -106,9 +114,34 @@ def run(
 
 
 @bench_app.command("report")
-def report(profile: ProfileOpt = "quick", results_dir: ResultsOpt = REPO / "bench" / "results") -> None:
-    """Print a results file as a table (no runs)."""
-    path = results_dir / f"{_profile(profile).name}.json"
+def report(
+    profile: ProfileOpt = "quick",
+    results_dir: ResultsOpt = REPO / "bench" / "results",
+    data_root: Annotated[
+        Path | None,
+        typer.Option(help="PolypGen folder (for the split sizes; default ../shared/data/polypgen)"),
+    ] = None,
+    rebuild: Annotated[
+        bool, typer.Option(help="rebuild the results from the unit files first (no training runs)")
+    ] = True,
+) -> None:
+    """Rebuild ``<profile>.json``/``.md`` and the plots from whatever unit files exist (an
+    interrupted benchmark's partial table), then print it."""
+    p = _profile(profile)
+    path = results_dir / f"{p.name}.json"
+    units = (results_dir / "units" / p.name).resolve()
+    if rebuild and units.is_dir():
+        from bench.report import aggregate, write_results
+        from bench.runner import BenchRunner, measure_inference
+
+        root = (data_root or default_polypgen_root()) if p.data == "polypgen" else None
+        runner = BenchRunner(p, root, REPO / "bench" / "work" / p.name, log=lambda m: None, units_dir=units)
+        runner.split_sizes = None
+        runner.base_config()  # the fixed split (its sizes go into the results)
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        timing = old.get("inference") or measure_inference(p)
+        res = aggregate(p, runner.load_records(), timing, runner.split_sizes, runner.load_floors())
+        write_results(res, results_dir.resolve())
     if not path.is_file():
         raise typer.BadParameter(f"{path} does not exist; run `dsfedmed bench run --profile {profile}` first")
     _print_table(json.loads(path.read_text()))
@@ -116,30 +149,41 @@ def report(profile: ProfileOpt = "quick", results_dir: ResultsOpt = REPO / "benc
 
 def _print_table(res: dict) -> None:
     t = Table(
-        "method",
-        "Dice test",
-        "Dice held-out",
+        "row",
+        "Dice@0.5 test",
+        "Dice@0.5 held-out",
+        "Dice test (thr-avg)",
         "MB total",
-        "site ms",
-        "FM ms",
-        "s",
-        title=f"bench {res['profile']}",
+        "s per unit",
+        title=f"bench {res['profile']}" + ("" if res.get("meaningful") else " (mechanics only)"),
     )
-    for name, m in res["methods"].items():
-        if "dice_test_mean" not in m:
-            t.add_row(name, m.get("status", "?"), "", "", "", "", "")
-            continue
-        std = m.get("dice_test_mean_std")
+    for name, f in res.get("floors", {}).items():
         t.add_row(
-            name,
-            f"{m['dice_test_mean']:.3f}" + (f" ± {std:.3f}" if std is not None else ""),
-            "n/a" if m["dice_holdout"] is None else f"{m['dice_holdout']:.3f}",
+            f"[dim]{name}[/]",
+            _num(f.get("dice05_test_mean")),
+            _num(f.get("dice05_holdout")),
+            _num(f.get("dice_test_mean")),
+            "0",
+            "-",
+        )
+    for name, m in res["methods"].items():
+        if "dice05_test_mean" not in m:
+            t.add_row(name, m.get("status", "?"), "", "", "", "")
+            continue
+        std = m.get("dice05_test_mean_std")
+        t.add_row(
+            name + (" [red](at the floor)[/]" if m.get("at_floor") else ""),
+            _num(m["dice05_test_mean"]) + (f" ± {std:.3f}" if std is not None else ""),
+            _num(m["dice05_holdout"]),
+            _num(m["dice_test_mean"]),
             f"{m['bytes_total'] / 1e6:.2f}",
-            f"{m['site_infer_ms']:.1f}",
-            "-" if m["fm_infer_ms"] is None else f"{m['fm_infer_ms']:.0f}",
-            f"{m['seconds_total']:.0f}",
+            ", ".join(f"{x:.0f}" for x in m.get("seconds_per_unit", [])),
         )
     console.print(t)
     for b in res.get("bar", []):
         mark = "[green]met[/]" if b["met"] else "[red]missed[/]"
         console.print(f"  {mark} {b['claim']}: {b['value']} (target {b['target']}, margin {b['by']:+})")
+
+
+def _num(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"

@@ -229,7 +229,14 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(cfg.get(P.CFG_ROUND, 0))
     tr = _trainer(run, node, model=str(cfg.get(P.CFG_MODEL, "")) or None)
     tr.set_weights(_weights(msg))
+    # the site's own AdamW state continues across rounds (one recipe for every method); a round
+    # asked again starts from the same state
+    store = SiteStore(node.state_dir, _state_key(msg, context), tr.site.name)
+    saved = store.load_state(before_round=server_round)
+    if saved is not None:
+        tr.optim_states = dict(saved[1])
     metrics = tr.train(TrainSettings.from_run(run, server_round))
+    store.save_optimizer(tr.optim_states, server_round)
     content = RecordDict(
         {
             P.KEY_ARRAYS: to_array_record(tr.get_weights()),
@@ -263,6 +270,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         {
             P.MET_DICE: float(res["dice"]),
             P.MET_IOU: float(res["iou"]),
+            P.MET_DICE05: float(res["dice05"]),
+            P.MET_IOU05: float(res["iou05"]),
             P.MET_NUM_EXAMPLES: int(res["n"]),
             P.MET_SECONDS: float(res["seconds"]),
         }
@@ -368,11 +377,14 @@ def _train_dsfedmed(msg: Message, context: Context, run: RunConfig, node: NodeCo
         raise PayloadError("stage 'bootstrap' exists in logits exchange only")
     tr = _trainer(run, node, model=None if own else str(cfg.get(P.CFG_MODEL, "")) or None)
     store = SiteStore(node.state_dir, _state_key(msg, context), tr.site.name)
-    if own:  # continue from the state before this round (the same state if the round is asked again)
-        saved = store.load_state(before_round=server_round)
-        if saved is not None:
+    # continue from the state before this round (the same state if the round is asked again): the
+    # site's own model in logits exchange, and its AdamW states in every exchange
+    saved = store.load_state(before_round=server_round)
+    if saved is not None:
+        tr.optim_states = dict(saved[1])
+        if own:
             tr.set_weights(saved[0])
-            tr.optim_states = dict(saved[1])
+    if own:
         done = [r for r in store.snapshots() if r < server_round]
         log.info(
             "%s: round %d starts from %s",
@@ -408,7 +420,7 @@ def _train_dsfedmed(msg: Message, context: Context, run: RunConfig, node: NodeCo
     store.save_model(
         weights,
         server_round=server_round,
-        optim=tr.optim_states if own else None,
+        optim=tr.optim_states,
         meta={
             "model": tr.model_name,
             "in-channels": int(tr.site.images.shape[1]),

@@ -94,6 +94,13 @@ class SiteStore:
         if meta is not None:
             atomic_write_text(self.model_meta_path, json.dumps(meta, indent=2) + "\n")
 
+    def save_optimizer(self, optim: dict, server_round: int, keep: int = 3) -> None:
+        """A snapshot holding only optimiser states (a FedAvg site: the model is the server's)."""
+        payload = {"model": {}, "optim": optim, "round": int(server_round)}
+        atomic_write(self._snapshot(server_round), lambda p: torch.save(payload, p))
+        for r in list(self.snapshots())[:-keep]:
+            self._snapshot(r).unlink(missing_ok=True)
+
     def load_model_meta(self) -> dict | None:
         if not self.model_meta_path.is_file():
             return None

@@ -21,6 +21,7 @@ from common.data import SiteArrays
 from common.losses import DistillWeights, distillation_loss
 from common.metrics import ThresholdedScores
 from common.models import build_model, check_input_size, count_parameters, load_weights
+from common.schedule import round_learning_rate
 from common.splits import Split
 from common.transforms import make_dataset, to_float_batch
 
@@ -53,18 +54,28 @@ class TrainSettings:
     augment: bool
     seed: int
     max_steps: int = 0  # cap on optimiser steps (0 = all epochs); the fedfm baseline needs it on a CPU
+    extra_steps: int = 0  # more private-data steps after the epochs (fedavg-matched)
+    weight_decay: float = 0.0
+    augment_set: str = "full"
 
     @classmethod
     def from_run(cls, run: RunConfig, server_round: int) -> TrainSettings:
-        """A round's local training settings; the seed changes every round."""
+        """A round's local training settings: the round's learning rate from the run's schedule;
+        the seed changes every round."""
         fm = run.method == "fedfm"
+        peak = run.fm_learning_rate if fm else run.learning_rate
         return cls(
             epochs=run.local_epochs,
             batch_size=run.fm_batch_size if fm else run.batch_size,
-            learning_rate=run.fm_learning_rate if fm else run.learning_rate,
+            learning_rate=round_learning_rate(
+                peak, server_round, run.num_rounds, run.lr_schedule, run.warmup_rounds
+            ),
             augment=run.augment,
             seed=run.seed * 100_003 + server_round,
             max_steps=run.fm_local_steps if fm else 0,
+            extra_steps=0 if fm else run.extra_local_steps,
+            weight_decay=run.weight_decay,
+            augment_set=run.augment_set,
         )
 
 
@@ -91,16 +102,19 @@ class SiteTrainer:
         self.model = model.to(device)
         self.exchanged: torch.nn.Module = getattr(self.model, "exchanged_module", self.model)
         self.loss_fn = DiceCELoss(sigmoid=True)
-        # Adam states by step ("local", "distill"); a site that keeps its own model keeps these too
+        # AdamW states by step ("local", "distill"), kept across rounds by every method (on disk
+        # between messages, client_app.state.SiteStore)
         self.optim_states: dict[str, dict] = {}
 
-    def _optimizer(self, kind: str, lr: float) -> torch.optim.Optimizer:
-        """Adam for one kind of step, continuing from its saved state (at this round's lr)."""
-        opt = torch.optim.Adam(self.model.parameters(), lr=lr)
+    def _optimizer(self, kind: str, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+        """AdamW for one kind of step, continuing from its saved state (at this round's lr)."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         if kind in self.optim_states:
             opt.load_state_dict(self.optim_states[kind])
             for group in opt.param_groups:
                 group["lr"] = lr
+                group["weight_decay"] = weight_decay
         return opt
 
     # --- weights -----------------------------------------------------------------------------
@@ -118,7 +132,8 @@ class SiteTrainer:
     def train(
         self, s: TrainSettings, images: np.ndarray | None = None, masks: np.ndarray | None = None
     ) -> dict[str, float]:
-        """Local epochs of DiceCE + Adam on the site's training split (or on the given pairs)."""
+        """Local epochs (then ``extra_steps`` more steps) of DiceCE + AdamW on the site's training
+        split (or on the given pairs). ``steps`` in the result is the number of optimiser steps."""
         t0 = time.time()
         gen = torch.Generator().manual_seed(s.seed ^ zlib.crc32(self.site.name.encode()))
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
@@ -126,7 +141,7 @@ class SiteTrainer:
             imgs, masks = self.site.subset(self.split["train"])
         else:
             imgs = images
-        ds = make_dataset(imgs, masks, augment=s.augment)
+        ds = make_dataset(imgs, masks, augment=s.augment, kind=s.augment_set)
         ds_rng = np.random.default_rng(s.seed)
         for t in getattr(ds.transform, "transforms", []):
             if hasattr(t, "set_random_state"):
@@ -134,15 +149,18 @@ class SiteTrainer:
         loader = DataLoader(
             ds, batch_size=min(s.batch_size, len(ds)), shuffle=True, generator=gen, drop_last=False
         )
-        opt = self._optimizer("local", s.learning_rate)
+        opt = self._optimizer("local", s.learning_rate, s.weight_decay)
         self.model.train()
         total, steps = 0.0, 0
-        progress = _EpochLog(self.site.name, "local training", s.epochs)
-        for epoch in range(1, s.epochs + 1):
-            if s.max_steps and steps >= s.max_steps:
-                break
+        target = s.epochs * len(loader) + s.extra_steps
+        if s.max_steps:
+            target = min(target, s.max_steps)
+        epochs = -(-target // max(len(loader), 1))
+        progress = _EpochLog(self.site.name, "local training", epochs)
+        for epoch in range(1, epochs + 1):
+            before = steps
             for batch in loader:
-                if s.max_steps and steps >= s.max_steps:
+                if steps >= target:
                     break
                 x = batch["image"].to(self.device)
                 y = batch["mask"].to(self.device)
@@ -159,6 +177,8 @@ class SiteTrainer:
                 total += float(loss.detach())
                 steps += 1
             progress.epoch(epoch, total / max(steps, 1), steps)
+            if steps == before:
+                break  # nothing trainable in a whole pass (a single image under batch norm)
         self.optim_states["local"] = opt.state_dict()
         return {
             "train-loss": total / max(steps, 1),
@@ -189,7 +209,7 @@ class SiteTrainer:
         gen = torch.Generator().manual_seed(s.seed + 1)
         x_all = to_float_batch(syn_images)
         m_all = torch.from_numpy(syn_masks.astype(np.float32))
-        opt = self._optimizer("distill", s.learning_rate)
+        opt = self._optimizer("distill", s.learning_rate, s.weight_decay)
         self.model.train()
         total, steps = 0.0, 0
         bs = max(2, min(s.batch_size, len(x_all)))
@@ -254,7 +274,8 @@ class SiteTrainer:
         else:
             idx = self.split[split]
         if not idx:
-            return {"dice": float("nan"), "iou": float("nan"), "n": 0, "seconds": 0.0}
+            nan = float("nan")
+            return {"dice": nan, "iou": nan, "dice05": nan, "iou05": nan, "n": 0, "seconds": 0.0}
         imgs, masks = self.site.subset(idx)
         scores = ThresholdedScores()
         scores.update(self.predict_probs(imgs), torch.from_numpy(masks.astype(np.float32)))

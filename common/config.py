@@ -103,11 +103,28 @@ class RunConfig(_Strict):
     split_group_regex: str = "^(\\d+)_"
     strict_data: bool = False
     augment: bool = True
+    augment_set: Literal["full", "flips"] = Field(
+        "full", description="'full' (flips, turns, affine, intensity, noise) or 'flips' only"
+    )
     # site model and local training
     model: str = Field("unet", description=f"a registered model: {', '.join(MODEL_NAMES)}")
     local_epochs: int = Field(3, ge=1, le=1000)
     batch_size: int = Field(8, ge=1, le=4096)
-    learning_rate: float = Field(3e-3, gt=0.0, le=1.0)
+    learning_rate: float = Field(3e-3, gt=0.0, le=1.0, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW's decoupled weight decay")
+    lr_schedule: Literal["constant", "warmup-cosine"] = Field(
+        "constant",
+        description="learning rate by round over the whole run: constant, or linear warm-up over "
+        "warmup-rounds then cosine down to 1% of the peak (every method, central and local included)",
+    )
+    warmup_rounds: int = Field(1, ge=0, le=10_000)
+    extra_local_steps: int = Field(
+        0,
+        ge=0,
+        le=1_000_000,
+        description="more optimiser steps on private data per round after local-epochs (the "
+        "fedavg-matched baseline: as many as DSFedMed's distillation steps)",
+    )
     site_models: str = Field(
         "", description="per-site models in logits exchange, e.g. 'C1=unet,C2=segresnet' (simulation)"
     )

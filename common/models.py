@@ -40,6 +40,20 @@ def _unet(in_ch: int, out_ch: int) -> nn.Module:
     )
 
 
+def _unet_m(in_ch: int, out_ch: int) -> nn.Module:
+    from monai.networks.nets import UNet
+
+    return UNet(
+        spatial_dims=2,
+        in_channels=in_ch,
+        out_channels=out_ch,
+        channels=(16, 32, 64, 128, 256),
+        strides=(2, 2, 2, 2),
+        num_res_units=2,
+        norm="instance",
+    )
+
+
 def _basicunet(in_ch: int, out_ch: int) -> nn.Module:
     from monai.networks.nets import BasicUNet
 
@@ -94,6 +108,13 @@ REGISTRY: dict[str, ModelSpec] = {
     for s in (
         ModelSpec(
             "unet", "MONAI UNet, residual units, instance norm, channels 16-128 (~0.2 M params)", _unet, 8
+        ),
+        ModelSpec(
+            "unet-m",
+            "MONAI UNet, 2 residual units, instance norm, channels 16-256 (~1.6 M params; the "
+            "benchmark's calibrated site model)",
+            _unet_m,
+            16,
         ),
         ModelSpec("basicunet", "MONAI BasicUNet, features 8-128", _basicunet, 16),
         ModelSpec("segresnet", "MONAI SegResNet, 8 initial filters", _segresnet, 8),

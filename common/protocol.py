@@ -11,7 +11,7 @@ Round protocol:
                   site -> server: ``arrays`` (updated weights), ``metrics`` (loss, n).
   evaluate        server -> site: ``arrays`` (global weights; absent in DSFedMed ``logits`` mode,
                   where each site evaluates its own model), ``config`` (which split).
-                  site -> server: ``metrics`` (dice, iou, n).
+                  site -> server: ``metrics`` (dice, iou threshold-averaged; dice05, iou05 at 0.5; n).
 
 DSFedMed additions:
   train.generator server -> site: ``config`` (generator size, steps, seconds).
@@ -80,6 +80,10 @@ MET_NUM_EXAMPLES = "num-examples"  # Flower's conventional weighting key
 MET_LOSS = "train-loss"
 MET_DICE = "dice"
 MET_IOU = "iou"
+MET_DICE05 = "dice05"  # Dice at threshold 0.5 (the headline; "dice" is threshold-averaged)
+MET_IOU05 = "iou05"
+MET_STEPS = "steps"  # optimiser steps on private data this round
+MET_DISTILL_STEPS = "distill-steps"  # optimiser steps on synthetic samples this round
 MET_SECONDS = "seconds"
 
 # profile fields

@@ -23,7 +23,14 @@ def _to_unit(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float32) / 255.0
 
 
-def train_transforms(augment: bool) -> Compose:
+AUGMENT_SETS = ("full", "flips")
+
+
+def train_transforms(augment: bool, kind: str = "full") -> Compose:
+    """``kind``: 'full' (flips, 90-degree turns, affine, intensity, noise) or 'flips' (the two
+    flips alone: cheap on a CPU, and what the benchmark's calibrated recipe uses)."""
+    if kind not in AUGMENT_SETS:
+        raise ValueError(f"unknown augmentation set {kind!r}; expected one of {AUGMENT_SETS}")
     base = [
         Lambdad("image", _to_unit),
         Lambdad("mask", lambda m: m.astype(np.float32)),
@@ -44,6 +51,8 @@ def train_transforms(augment: bool) -> Compose:
         RandAdjustContrastd("image", gamma=(0.8, 1.25), prob=0.3),
         RandGaussianNoised("image", std=0.02, prob=0.2),
     ]
+    if kind == "flips":
+        aug = aug[:2]
     return Compose(base + (aug if augment else []) + [EnsureTyped(["image", "mask"], track_meta=False)])
 
 
@@ -51,9 +60,9 @@ def eval_transforms() -> Compose:
     return train_transforms(augment=False)
 
 
-def make_dataset(images: np.ndarray, masks: np.ndarray, augment: bool) -> Dataset:
+def make_dataset(images: np.ndarray, masks: np.ndarray, augment: bool, kind: str = "full") -> Dataset:
     data = [{"image": i, "mask": m} for i, m in zip(images, masks, strict=True)]
-    return Dataset(data, transform=train_transforms(augment))
+    return Dataset(data, transform=train_transforms(augment, kind))
 
 
 def to_float_batch(images: np.ndarray) -> torch.Tensor:

@@ -226,11 +226,12 @@ def check_train_metrics(record: Mapping[str, Any] | None) -> float:
 
 def check_eval_metrics(record: Mapping[str, Any] | None) -> dict[str, float]:
     """An evaluate reply's metrics: a whole number of images >= 0 and, when there were images, Dice and
-    IoU within [0, 1] (an empty split reports n = 0 and no score)."""
+    IoU (threshold-averaged and at 0.5) within [0, 1] (an empty split reports n = 0 and no score)."""
     n = P.MET_NUM_EXAMPLES
     out = check_metrics(record, (n,), counts=(n,))
     if out[n] > 0:
-        out.update(check_metrics(record, (P.MET_DICE, P.MET_IOU), unit=(P.MET_DICE, P.MET_IOU)))
+        keys = (P.MET_DICE, P.MET_IOU, P.MET_DICE05, P.MET_IOU05)
+        out.update(check_metrics(record, keys, unit=keys))
     return out
 
 

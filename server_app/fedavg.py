@@ -56,6 +56,7 @@ class DeadlineFedAvg(FedAvg):
         self.summary_data: dict = {}
         self.history: list[dict] = []  # every metrics row so far (the checkpoint keeps it)
         self.resume: ServerState | None = None  # set to continue an interrupted run
+        self._kinds_logged: dict[str, int] = {}  # bytes by kind already in a metrics row
         self.t_run = time.time()
 
     # --- checkpoint and resume -------------------------------------------------------------
@@ -84,6 +85,10 @@ class DeadlineFedAvg(FedAvg):
             self.fed.traffic.add(site, down=n)
         for site, n in st.traffic_up.items():
             self.fed.traffic.add(site, up=n)
+        for row in self.history:  # bytes by kind: the rows hold each round's share
+            for kind, n in (row.get("bytes_by_kind") or {}).items():
+                self.fed.traffic.by_kind[kind] = self.fed.traffic.by_kind.get(kind, 0) + n
+                self._kinds_logged[kind] = self._kinds_logged.get(kind, 0) + n
         self.t_run = time.time() - st.wall_seconds
         restore_rng(st.rng)
         log.info("resuming at round %d of %d (state key %d)", st.round + 1, self.cfg.num_rounds, st.state_key)
@@ -234,6 +239,8 @@ class DeadlineFedAvg(FedAvg):
             out[site] = {
                 "dice": m.get(P.MET_DICE, float("nan")),
                 "iou": m.get(P.MET_IOU, float("nan")),
+                "dice05": m.get(P.MET_DICE05, float("nan")),
+                "iou05": m.get(P.MET_IOU05, float("nan")),
                 "n": int(m[P.MET_NUM_EXAMPLES]),
             }
         return out
@@ -329,6 +336,7 @@ class DeadlineFedAvg(FedAvg):
         self, completed: int, final: dict, initial_test: dict, holdout: dict | None, t_run: float
     ) -> dict:
         fed = self.fed
+        fed.collect_late()  # replies that came after their deadline still count as traffic
         return {
             "status": "completed",
             "method": self.cfg.method,
@@ -338,14 +346,46 @@ class DeadlineFedAvg(FedAvg):
             "test": final,
             "dice_test_mean": self._mean(final, "dice"),
             "iou_test_mean": self._mean(final, "iou"),
+            "dice05_test_mean": self._mean(final, "dice05"),
+            "iou05_test_mean": self._mean(final, "iou05"),
             "initial_test": initial_test,
             "dice_test_initial_mean": self._mean(initial_test, "dice"),
+            "dice05_test_initial_mean": self._mean(initial_test, "dice05"),
             "holdout": holdout,
             "bytes_down_total": fed.traffic.total_down,
             "bytes_up_total": fed.traffic.total_up,
             "bytes_total": fed.traffic.total_down + fed.traffic.total_up,
+            "bytes_by_kind": dict(sorted(fed.traffic.by_kind.items())),
+            **self.step_totals(),
             "wall_seconds": time.time() - t_run,
         }
+
+    def step_totals(self) -> dict:
+        """Optimiser steps per site over the run so far (from the metrics rows, so a resumed run
+        counts the interrupted run's rounds too): private data and distillation apart."""
+        private: dict[str, int] = {}
+        distill: dict[str, int] = {}
+        for row in self.history:
+            for site, s in (row.get("steps") or {}).items():
+                private[site] = private.get(site, 0) + int(s.get("private", 0))
+                distill[site] = distill.get(site, 0) + int(s.get("distill", 0))
+        return {"steps_private_per_site": private, "steps_distill_per_site": distill}
+
+    @staticmethod
+    def _steps(train_ex: Exchange | None) -> dict[str, dict[str, int]]:
+        """Each accepted train reply's optimiser steps this round (private, distillation)."""
+        out: dict[str, dict[str, int]] = {}
+        if train_ex is None:
+            return out
+        for site, rep in train_ex.replies.items():
+            if site in train_ex.errors:
+                continue
+            m = rep.content.metric_records.get(P.KEY_METRICS) or {}
+            out[site] = {
+                "private": int(float(m.get(P.MET_STEPS, 0) or 0)),
+                "distill": int(float(m.get(P.MET_DISTILL_STEPS, 0) or 0)),
+            }
+        return out
 
     def _record_validation(self, result: Result, rnd: int, scores: dict) -> None:
         """Flower's per-round evaluation history; rounds without validation (evaluate-every) have none."""
@@ -375,14 +415,23 @@ class DeadlineFedAvg(FedAvg):
             errors.update({s: r for s, r in train_ex.errors.items()})
             timeouts = sorted(set(timeouts) | set(train_ex.timeouts))
         absent = self.fed.take_absent()
+        kinds = {
+            k: v - self._kinds_logged.get(k, 0)
+            for k, v in fed.traffic.by_kind.items()
+            if v - self._kinds_logged.get(k, 0)
+        }
+        self._kinds_logged = dict(fed.traffic.by_kind)
         row = {
             "round": rnd,
             "sites": sites,
             "dice_mean": self._mean(scores, "dice"),
             "iou_mean": self._mean(scores, "iou"),
+            "dice05_mean": self._mean(scores, "dice05"),
             "bytes_down": sum(v["down"] for v in per_site.values()),
             "bytes_up": sum(v["up"] for v in per_site.values()),
             "bytes_per_site": per_site,
+            "bytes_by_kind": kinds,
+            "steps": self._steps(train_ex),
             "seconds": time.time() - t0,
             "errors": errors,
             # sites of the roster that took no part: no answer in time, or gone before they were asked

@@ -27,14 +27,26 @@ class FederationStopped(RuntimeError):
     """Too few sites to go on; the reason is written to the run directory."""
 
 
+def traffic_kind(message_type: str) -> str:
+    """The bucket a message's bytes are booked under: profile, generator, pool, train or evaluate."""
+    return {
+        P.MSG_QUERY_PROFILE: "profile",
+        P.MSG_TRAIN_GENERATOR: "generator",
+        P.MSG_EVALUATE_POOL: "pool",
+    }.get(message_type, message_type.split(".", 1)[0])
+
+
 @dataclass
 class Traffic:
     down: dict[str, int] = field(default_factory=dict)  # server -> site bytes
     up: dict[str, int] = field(default_factory=dict)  # site -> server bytes
+    by_kind: dict[str, int] = field(default_factory=dict)  # both ways, by message kind (+ "late")
 
-    def add(self, site: str, down: int = 0, up: int = 0) -> None:
+    def add(self, site: str, down: int = 0, up: int = 0, kind: str = "") -> None:
         self.down[site] = self.down.get(site, 0) + down
         self.up[site] = self.up.get(site, 0) + up
+        if kind:
+            self.by_kind[kind] = self.by_kind.get(kind, 0) + down + up
 
     @property
     def total_down(self) -> int:
@@ -76,6 +88,9 @@ class Federation:
         self.sites: dict[int, str] = {}  # node id -> site name, set after profiling
         self.traffic = Traffic()
         self._absent: set[str] = set()  # roster sites not connected when they were wanted
+        # replies not in by their deadline: (message id -> node id, kind), booked as "late" when
+        # they arrive, so every byte a site sent is counted
+        self._late: dict[str, tuple[int, str]] = {}
 
     def name_site(self, node_id: int, name: str) -> None:
         """Record a node's site name; traffic booked under its node id moves to the name."""
@@ -130,6 +145,17 @@ class Federation:
         out, self._absent = sorted(self._absent), set()
         return out
 
+    def collect_late(self) -> int:
+        """Pull replies that missed their deadline; their bytes are booked (up, under the kind
+        "late" and their site) but the replies themselves are not used. Returns how many came."""
+        if not self._late:
+            return 0
+        got = list(self.grid.pull_messages(list(self._late)))
+        for rep in got:
+            node, _ = self._late.pop(rep.metadata.reply_to_message_id, (rep.metadata.src_node_id, ""))
+            self.traffic.add(self.site_of(node), up=message_nbytes(rep), kind="late")
+        return len(got)
+
     def _push_and_pull(self, messages: list[Message], timeout_s: float) -> list[Message]:
         """Flower's send-and-receive, polling every ``poll_s`` and reporting who is still awaited."""
         first = messages[0].metadata
@@ -148,6 +174,8 @@ class Federation:
             waiting = sorted(self.site_of(n) for n in pending.values())
             self.progress.exchange(label, total - len(pending), total, waiting, elapsed, timeout_s)
             if not pending or elapsed >= timeout_s:
+                kind = traffic_kind(first.message_type)
+                self._late.update({mid: (node, kind) for mid, node in pending.items()})
                 return replies
             time.sleep(min(self.poll_s, max(0.0, timeout_s - elapsed)))
 
@@ -169,10 +197,12 @@ class Federation:
         ``timeout_s`` of compute plus the payload's transfer time (:meth:`deadline`)."""
         out = Exchange()
         messages = list(messages)
+        self.collect_late()
         requests = [m.metadata.dst_node_id for m in messages]
         sizes = [message_nbytes(m) for m in messages]
         for msg, n in zip(messages, sizes, strict=True):
-            self.traffic.add(self.site_of(msg.metadata.dst_node_id), down=n)
+            kind = traffic_kind(msg.metadata.message_type)
+            self.traffic.add(self.site_of(msg.metadata.dst_node_id), down=n, kind=kind)
         if not messages:
             return out
         timeout_s = self.deadline(max(sizes), timeout_s)
@@ -182,7 +212,7 @@ class Federation:
             node_id = rep.metadata.src_node_id
             site = self.site_of(node_id)
             answered.add(node_id)
-            self.traffic.add(site, up=message_nbytes(rep))
+            self.traffic.add(site, up=message_nbytes(rep), kind=traffic_kind(rep.metadata.message_type))
             if rep.has_error():
                 out.errors[site] = f"error {rep.error.code}: {rep.error.reason}"
                 log.warning("site %s replied with an error: %s", site, out.errors[site])

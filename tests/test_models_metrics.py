@@ -63,7 +63,7 @@ def test_accumulator_means_over_images():
     acc = ThresholdedScores()
     acc.update(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4))  # 1.0
     acc.update(_masks([(1, 1)]), torch.zeros(1, 1, 4, 4))  # 0.0
-    assert acc.result() == {"dice": 0.5, "iou": 0.5, "n": 2}
+    assert acc.result() == {"dice": 0.5, "iou": 0.5, "dice05": 0.5, "iou05": 0.5, "n": 2}
 
 
 def test_shape_mismatch_is_an_error():
