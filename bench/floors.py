@@ -142,7 +142,7 @@ def _fm_rows(cfg: RunConfig, parts: dict, log: Callable[[str], None], cache_root
         m = torch.from_numpy(masks.astype(np.float32))
         with torch.no_grad():
             whole = fm.decode(emb, fm.prompts(len(images), "whole-box", None), images.shape[-1])
-            boxed = fm.decode(emb, fm.prompts(len(images), "mask-box", m), images.shape[-1])
+            boxed = fm.decode(emb, fm.prompts(len(images), "oracle-mask-box", m), images.shape[-1])
         zero[s] = score_probs(torch.sigmoid(whole), masks)
         oracle[s] = score_probs(torch.sigmoid(boxed), masks)
     return {

@@ -145,7 +145,8 @@ def distill_steps_per_round(pool_size: int, batch_size: int, local_epochs: int) 
 
 
 def _polypgen(name: str, image_size: int, description: str, device_note: str = "") -> Profile:
-    rounds, epochs, pool = 24, 1, 128
+    # 32 rounds: at 24 the pooled model's validation Dice was still rising (0.43 at round 24, seed 0)
+    rounds, epochs, pool = 32, 1, 128
     matched = distill_steps_per_round(pool, RECIPE["batch-size"], epochs)
     return Profile(
         name=name,
@@ -175,7 +176,7 @@ def _polypgen(name: str, image_size: int, description: str, device_note: str = "
             Variant("fedfm-decoder", "fedfm-decoder"),
             Variant("dsfedmed-logits", "dsfedmed-logits"),
         ),
-        extra={**RECIPE, "evaluate-every": 2, **({"device": "auto"} if device_note else {})},
+        extra={**RECIPE, "evaluate-every": 4, **({"device": "auto"} if device_note else {})},
         run_timeout_s=3 * 3600.0,
         meaningful=True,
     )
@@ -188,7 +189,7 @@ PROFILES: dict[str, Profile] = {
         "polypgen",
         128,
         "reference: C1-C5 every pair in fixed per-site train/val/test splits (70/10/20, grouped by "
-        "video), C6 held out entirely, 128 px, 24 rounds x 1 local epoch, 3 seeds",
+        "video), C6 held out entirely, 128 px, 32 rounds x 1 local epoch, 3 seeds",
     ),
     "polypgen-gpu": _polypgen(
         "polypgen-gpu",

@@ -189,6 +189,27 @@ class BenchRunner:
             out.append(json.loads(path.read_text()))
         return out
 
+    def current_records(self) -> list[dict]:
+        """The units made with the profile's present configuration (a unit from an earlier recipe
+        stays on disk but is not reported), plus the pool stage."""
+        base = self.base_config()
+        want = {
+            (v.name, s): _config_hash(v.run_config(base, s))
+            for v in self.profile.variants()
+            for s in (v.seeds or self.profile.seeds)
+        }
+        out = []
+        for r in self.load_records():
+            if r.get("variant") == "pool-stage" or want.get((r.get("variant"), r.get("seed"))) == r.get(
+                "config_hash"
+            ):
+                out.append(r)
+            else:
+                self.log(
+                    f"unit {r.get('variant')}-s{r.get('seed')} was made with another configuration: not reported"
+                )
+        return out
+
     def load_floors(self) -> dict | None:
         path = self.units_dir / "floors.json"
         return json.loads(path.read_text()) if path.is_file() else None
@@ -249,7 +270,7 @@ class BenchRunner:
         for v, s in todo:
             if v.kind != "flower":
                 self._run_inprocess(v, s, base)
-        return self.load_records()
+        return self.current_records()
 
     def run_floors(self, with_fm: bool = True) -> dict:
         """The floors unit (untrained at every seed, all-foreground, all-background, the FM
@@ -258,7 +279,25 @@ class BenchRunner:
 
         self.work.mkdir(parents=True, exist_ok=True)
         base = self.base_config()
-        key = _config_hash({**base, "seeds": list(self.profile.seeds), "with-fm": with_fm})
+        # what the floors depend on: the data, its split, the model and the FM (not the rounds)
+        split = Path(base["split-file"]).read_text() if base.get("split-file") else ""
+        keep = (
+            "data-root",
+            "image-size",
+            "model",
+            "holdout-site",
+            "fm",
+            "fm-checkpoint",
+            "phantom-images-per-site",
+        )
+        key = _config_hash(
+            {
+                **{k: base.get(k) for k in keep},
+                "split": split,
+                "seeds": list(self.profile.seeds),
+                "with-fm": with_fm,
+            }
+        )
         have = self.load_floors()
         if have is not None and have.get("config_hash") == key:
             return have

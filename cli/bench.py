@@ -140,7 +140,7 @@ def report(
         runner.base_config()  # the fixed split (its sizes go into the results)
         old = json.loads(path.read_text()) if path.is_file() else {}
         timing = old.get("inference") or measure_inference(p)
-        res = aggregate(p, runner.load_records(), timing, runner.split_sizes, runner.load_floors())
+        res = aggregate(p, runner.current_records(), timing, runner.split_sizes, runner.load_floors())
         write_results(res, results_dir.resolve())
     if not path.is_file():
         raise typer.BadParameter(f"{path} does not exist; run `dsfedmed bench run --profile {profile}` first")

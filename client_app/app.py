@@ -13,6 +13,7 @@ import os
 import traceback
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -26,8 +27,9 @@ from client_app.trainer import SiteTrainer, TrainSettings
 from common import protocol as P
 from common.codec import encode_probs, message_nbytes, to_array_record
 from common.config import ConfigError, NodeConfig, RunConfig, parse_node_config, parse_run_config
-from common.data import SiteDataError
-from common.foundation import PromptFreeSegmenter, load_foundation_model
+from common.data import SiteDataError, default_cache_dir
+from common.fm_cache import CachedPromptFreeSegmenter, EmbeddingCache
+from common.foundation import PromptFreeSegmenter, fm_checkpoint_id, load_foundation_model
 from common.generator import DPSGD, generator_config_from_run, train_generator
 from common.losses import DistillWeights
 from common.runtime import configure_threads, package_versions, resolve_device, setup_logging
@@ -58,6 +60,11 @@ class PayloadError(ValueError):
     """The server's message lacks a record or holds something that does not fit."""
 
 
+class PoolMissing(PayloadError):
+    """The request refers to a synthetic pool this site does not hold intact (error code
+    :data:`common.protocol.ERR_NO_POOL`: the server resends it)."""
+
+
 def _setup(context: Context) -> tuple[RunConfig, NodeConfig]:
     setup_logging(log)
     run = parse_run_config(context.run_config)
@@ -78,9 +85,17 @@ def _trainer(run: RunConfig, node: NodeConfig, model: str | None = None) -> Site
             freeze_encoder=run.fm_trainable == "decoder",
             expected_sha256=run.fm_checkpoint_sha256,
         )
-        return SiteTrainer(
-            site, split, f"fm:{run.fm}", device, model=PromptFreeSegmenter(fm, run.fm_trainable)
-        )
+        if run.fm_trainable == "decoder":  # frozen encoder: each image is embedded once, ever
+            cache = EmbeddingCache(
+                Path(node.cache_dir or default_cache_dir()) / "fm-embeddings",
+                run.fm,
+                fm_checkpoint_id(run.fm_checkpoint),
+                fm.spec.input_size,
+            )
+            net: torch.nn.Module = CachedPromptFreeSegmenter(fm, cache)
+        else:
+            net = PromptFreeSegmenter(fm, run.fm_trainable)
+        return SiteTrainer(site, split, f"fm:{run.fm}", device, model=net)
     if not model and _own_model(run):
         model = node.model or run.model_for(site.name)
     return SiteTrainer(site, split, model or node.model or run.model, device)
@@ -140,6 +155,8 @@ def _answer(handler: Callable[[Message, Context], Message], msg: Message, contex
         return _error(msg, ERR_CONFIG, f"configuration error: {exc}")
     except SiteDataError as exc:
         return _error(msg, ERR_DATA, f"site data error: {exc}")
+    except PoolMissing as exc:
+        return _error(msg, P.ERR_NO_POOL, str(exc))
     except (PayloadError, ValueError, KeyError) as exc:
         return _error(msg, ERR_PAYLOAD, f"bad request payload: {exc}")
     except Exception as exc:  # noqa: BLE001 - any other failure still gets a clear reply
@@ -331,14 +348,14 @@ def _pool_arrays(
     else:
         cached = store.load_pool(pool_id)
         if cached is None:
-            raise PayloadError(
+            raise PoolMissing(
                 f"synthetic pool {pool_id} is not cached at this site; the server must resend it"
             )
         images, masks = cached
         try:  # a damaged copy on disk is as good as none: the server resends the pool
             check_pool(images, masks, what=f"cached pool {pool_id}")
         except PayloadInvalid as exc:
-            raise PayloadError(
+            raise PoolMissing(
                 f"synthetic pool {pool_id} is not cached at this site ({exc}); the server must resend it"
             ) from None
     if selected is None:
@@ -394,17 +411,23 @@ def _train_dsfedmed(msg: Message, context: Context, run: RunConfig, node: NodeCo
         )
     else:
         tr.set_weights(_weights(msg))
+    included = str(cfg.get(P.CFG_POOL_INCLUDED, "selected"))
+    whole = included in ("all", "none")  # the whole pool is (or is cached) here: train on all of it
     syn_images, syn_masks = _pool_arrays(
-        msg,
-        store,
-        str(cfg.get(P.CFG_POOL_ID, "")),
-        selected,
-        str(cfg.get(P.CFG_POOL_INCLUDED, "selected")),
-        run.image_size,
+        msg, store, str(cfg.get(P.CFG_POOL_ID, "")), None if whole else selected, included, run.image_size
     )
     teacher = check_probs_record(
         msg.content.array_records.get(P.KEY_SOFT), len(selected), run.logit_size, key=P.KEY_SOFT
     )
+    gate = None
+    if whole:  # supervised on every pool sample; distillation on the selected ones only
+        if max(selected) >= len(syn_images) or min(selected) < 0:
+            raise PayloadError(f"a selected index is outside the pool of {len(syn_images)} samples")
+        full = torch.zeros(len(syn_images), *teacher.shape[1:])
+        full[selected] = teacher
+        gate = torch.zeros(len(syn_images))
+        gate[selected] = 1.0
+        teacher = full
     settings = TrainSettings.from_run(run, server_round)
     if bootstrap:
         settings = replace(settings, epochs=max(1, run.holdout_epochs))
@@ -415,6 +438,7 @@ def _train_dsfedmed(msg: Message, context: Context, run: RunConfig, node: NodeCo
         teacher,
         DistillWeights(run.sup_weight, run.kd_weight, run.temperature, run.pos_weight),
         private=not bootstrap,
+        kd_gate=gate,
     )
     weights = tr.get_weights()
     store.save_model(

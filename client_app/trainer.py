@@ -70,7 +70,8 @@ class TrainSettings:
             learning_rate=round_learning_rate(
                 peak, server_round, run.num_rounds, run.lr_schedule, run.warmup_rounds
             ),
-            augment=run.augment,
+            # the decoder-only FM trains on cached embeddings of the unaltered images
+            augment=run.augment and not (fm and run.fm_trainable == "decoder"),
             seed=run.seed * 100_003 + server_round,
             max_steps=run.fm_local_steps if fm else 0,
             extra_steps=0 if fm else run.extra_local_steps,
@@ -195,9 +196,11 @@ class SiteTrainer:
         teacher_probs: torch.Tensor | None,
         w: DistillWeights,
         private: bool = True,
+        kd_gate: torch.Tensor | None = None,
     ) -> dict[str, float]:
-        """DSFedMed site step: local epochs on private data, then distillation on the selected
-        synthetic samples (supervised BCE on their masks + KL towards the FM's soft targets).
+        """DSFedMed site step: local epochs on private data, then epochs over the synthetic samples:
+        supervised BCE on every sample's mask + KL towards the soft targets on the samples that
+        ``kd_gate`` (N,) selects (all when None; ``teacher_probs`` is aligned with the samples).
         ``private=False`` (a held-out site bootstrapping) learns from the synthetic samples only."""
         t0 = time.time()
         if private:
@@ -222,8 +225,9 @@ class SiteTrainer:
                     continue
                 x, m = x_all[idx].to(self.device), m_all[idx].to(self.device)
                 t = teacher_probs[idx].to(self.device) if teacher_probs is not None else None
+                g = kd_gate[idx].to(self.device) if kd_gate is not None else None
                 opt.zero_grad(set_to_none=True)
-                loss = distillation_loss(self.model(x), m, t, w)
+                loss = distillation_loss(self.model(x), m, t, w, g)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"site {self.site.name}: distillation loss became {loss}")
                 loss.backward()

@@ -21,7 +21,7 @@ FMTrainable = Literal["all", "decoder"]
 Exchange = Literal["logits", "weights", "hybrid"]
 PoolSource = Literal["generator", "phantoms", "folder"]
 SelectionRule = Literal["paper", "quantile", "all"]
-PromptMode = Literal["mask-box", "whole-box", "none"]
+PromptMode = Literal["oracle-mask-box", "whole-box", "none"]
 ProbDtype = Literal["uint8", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -137,9 +137,27 @@ class RunConfig(_Strict):
         pattern=r"^([0-9a-fA-F]{64})?$",
         description="expected sha256 of fm-checkpoint; checked before loading when set",
     )
-    fm_prompt: PromptMode = "mask-box"
+    fm_prompt: PromptMode = Field(
+        "whole-box",
+        description="FM prompt on synthetic samples: whole-box or none (prompt-free teacher); "
+        "oracle-mask-box hands the FM the answer (evaluation only, never a default)",
+    )
     fm_learning_rate: float = Field(1e-4, gt=0.0, le=1.0)
-    fm_epochs: int = Field(1, ge=0, le=100)
+    fm_epochs: int = Field(1, ge=0, le=100, description="epochs of the FM decoder per round (sites -> FM)")
+    fm_adapt_epochs: int = Field(
+        5,
+        ge=0,
+        le=1000,
+        description="epochs of the FM decoder on the synthetic pool's masks before round 1, so the "
+        "prompt-free teacher knows the task before it teaches",
+    )
+    target_fm_weight: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="a site's soft target = this weight x the FM's probabilities + the rest x the "
+        "other sites' ensemble (the FM alone until the other sites have answered)",
+    )
     # fedfm baseline (sites fine-tune the FM itself, its weights averaged: FedSAM)
     fm_trainable: FMTrainable = Field(
         "all", description="fedfm: 'all' weights (FedSAM) or only the mask 'decoder' (FedMSA direction)"

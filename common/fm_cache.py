@@ -85,3 +85,41 @@ class EmbeddingCache:
         if not len(images):
             return torch.zeros(0)
         return torch.from_numpy(np.stack([found[i] for i in range(len(images))]).astype(np.float32))
+
+
+class CachedPromptFreeSegmenter(torch.nn.Module):
+    """The FM as a site model whose image encoder never runs twice on the same image: float images
+    (N,3,H,W) in [0,1] (uint8/255, as the site's loader makes them) in, logits at HxW out, prompted
+    with the whole-image box; embeddings come from an :class:`EmbeddingCache` (and a per-process
+    memory copy in float16). Only the mask decoder trains and travels (``exchanged_module``): the
+    fedfm-decoder baseline (FedMSA direction) at CPU cost. Augmentation must be off for it: a flipped
+    image is a new image to the encoder."""
+
+    def __init__(self, fm: FoundationSegmenter, cache: EmbeddingCache):
+        super().__init__()
+        if not fm.freeze_encoder:
+            raise ValueError("cached embeddings need a frozen image encoder (fm-trainable='decoder')")
+        self.fm = fm
+        self.cache = cache
+        self._memory: dict[str, np.ndarray] = {}
+        self.trainable = "decoder"
+
+    @property
+    def exchanged_module(self) -> torch.nn.Module:
+        return self.fm.decoder
+
+    def _embeddings(self, images: np.ndarray) -> torch.Tensor:
+        keys = [self.cache.key(img) for img in images]
+        missing = [i for i, k in enumerate(keys) if k not in self._memory]
+        if missing:
+            emb = self.cache.embeddings(self.fm, images[missing])
+            for i, e in zip(missing, emb.numpy().astype(np.float16), strict=True):
+                self._memory[keys[i]] = e
+        return torch.from_numpy(np.stack([self._memory[k] for k in keys]).astype(np.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        images = (x.detach().cpu() * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
+        dev = next(self.fm.decoder.parameters()).device
+        emb = self._embeddings(images).to(dev)
+        boxes = self.fm.prompts(len(images), "whole-box", None)
+        return self.fm.decode(emb, boxes, x.shape[-1])

@@ -27,7 +27,7 @@ from torch import nn
 
 from common.fileio import sha256_file
 
-PROMPT_MODES = ("mask-box", "whole-box", "none")
+PROMPT_MODES = ("oracle-mask-box", "whole-box", "none")
 
 
 class FoundationModelError(RuntimeError):
@@ -185,9 +185,11 @@ class FoundationSegmenter(nn.Module):
         size = self.spec.input_size
         if mode == "none":
             return None
-        if mode == "mask-box":
+        if mode == "oracle-mask-box":
             if masks is None:
-                raise ValueError("prompt mode 'mask-box' needs the masks (only known for synthetic samples)")
+                raise ValueError(
+                    "prompt mode 'oracle-mask-box' needs the masks (only known for synthetic samples)"
+                )
             return mask_boxes(masks, size)
         return torch.tensor([[0.0, 0.0, size - 1.0, size - 1.0]]).repeat(n, 1)
 
@@ -221,7 +223,7 @@ class FoundationSegmenter(nn.Module):
         self,
         images: torch.Tensor,
         masks: torch.Tensor | None = None,
-        mode: str = "mask-box",
+        mode: str = "whole-box",
         out_size: int = 256,
     ) -> torch.Tensor:
         emb = self.embed(images)

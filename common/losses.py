@@ -24,18 +24,33 @@ def binary_kl(p: torch.Tensor, q: torch.Tensor, reduce_dims: tuple[int, ...] | N
     return kl if reduce_dims is None else kl.mean(dim=reduce_dims)
 
 
-def kd_loss(
-    student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float = 1.0
-) -> torch.Tensor:
-    """Mean per-pixel KL(teacher || student) on sigmoid(logits/T), times T^2.
+def probs_to_logits(p: torch.Tensor) -> torch.Tensor:
+    p = p.clamp(EPS, 1 - EPS)
+    return torch.log(p) - torch.log1p(-p)
 
-    ``teacher_probs`` are probabilities (what crosses the network), already at temperature T.
-    The student's logits are resized to the teacher's resolution if they differ.
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_probs: torch.Tensor,
+    temperature: float = 1.0,
+    sample_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-pixel KL(teacher || student) on sigmoid(logits/T), times T^2.
+
+    ``teacher_probs`` are probabilities at T = 1 (what crosses the network); the receiver turns them
+    back into logits and applies the same T to teacher and student. The student's logits are resized
+    to the teacher's resolution if they differ. ``sample_weights`` (N,) in {0,1} gate the term per
+    sample (selection gates distillation, never the supervised loss): the mean over gated samples.
     """
     if student_logits.shape[-2:] != teacher_probs.shape[-2:]:
         student_logits = F.interpolate(student_logits, size=teacher_probs.shape[-2:], mode="bilinear")
+    teacher = torch.sigmoid(probs_to_logits(teacher_probs.detach().float()) / temperature)
     student = torch.sigmoid(student_logits / temperature)
-    return binary_kl(teacher_probs.detach(), student).mean() * temperature**2
+    per_sample = binary_kl(teacher, student, tuple(range(1, student.ndim)))
+    if sample_weights is None:
+        return per_sample.mean() * temperature**2
+    w = sample_weights.to(per_sample.dtype)
+    return (per_sample * w).sum() / w.sum().clamp_min(1.0) * temperature**2
 
 
 def supervised_bce(logits: torch.Tensor, masks: torch.Tensor, pos_weight: float = 2.0) -> torch.Tensor:
@@ -54,10 +69,16 @@ class DistillWeights:
 
 
 def distillation_loss(
-    logits: torch.Tensor, masks: torch.Tensor, teacher_probs: torch.Tensor | None, w: DistillWeights
+    logits: torch.Tensor,
+    masks: torch.Tensor,
+    teacher_probs: torch.Tensor | None,
+    w: DistillWeights,
+    kd_gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``w.supervised * BCE(masks) + w.kd * KL(teacher || student) * T^2`` (KL term only with a teacher)."""
+    """``w.supervised * BCE(masks) + w.kd * KL(teacher || student) * T^2`` (KL term only with a
+    teacher). The supervised term sees every sample; ``kd_gate`` (N,) limits the KL term to the
+    selected samples (as in the official code)."""
     loss = w.supervised * supervised_bce(logits, masks, w.pos_weight)
-    if teacher_probs is not None and w.kd > 0:
-        loss = loss + w.kd * kd_loss(logits, teacher_probs, w.temperature)
+    if teacher_probs is not None and w.kd > 0 and (kd_gate is None or bool(kd_gate.any())):
+        loss = loss + w.kd * kd_loss(logits, teacher_probs, w.temperature, kd_gate)
     return loss

@@ -75,6 +75,9 @@ STAGE_BOOTSTRAP = "bootstrap"
 CFG_STATE_KEY = "state-key"  # every message: the name a site keeps this run's state under (a resumed
 # run keeps the interrupted run's key, so sites continue from their own state; server_app/checkpoint.py)
 
+# error codes a site puts in an error reply that the server acts on (the others: client_app/app.py)
+ERR_NO_POOL = 1006  # the referred synthetic pool is not (or no longer intact) at the site: resend it
+
 # metric record fields sent by sites
 MET_NUM_EXAMPLES = "num-examples"  # Flower's conventional weighting key
 MET_LOSS = "train-loss"

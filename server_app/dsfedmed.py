@@ -52,6 +52,8 @@ from server_app.fedavg import DeadlineFedAvg
 from server_app.federation import FederationStopped
 from server_app.selection import SelectionConfig, select
 from server_app.synthesis import Pool, contact_sheet, folder_pool, generator_pool, phantom_pool
+from server_app.targets import ensemble as ensemble_of
+from server_app.targets import site_targets
 from server_app.teacher import FoundationTeacher
 
 log = logging.getLogger("dsfedmed.server")
@@ -287,14 +289,28 @@ class DSFedMedStrategy(DeadlineFedAvg):
         return to_array_record({k: v.detach().numpy() for k, v in model.state_dict().items()})
 
     def _bootstrap_holdout(
-        self, pool: Pool, teacher: FoundationTeacher, has_pool: set[int], rnd: int
+        self,
+        pool: Pool,
+        teacher: FoundationTeacher,
+        has_pool: set[int],
+        rnd: int,
+        site_probs: dict[str, torch.Tensor],
+        site_counts: dict[str, float],
     ) -> dict:
         """Logits exchange: the held-out site has no model of its own yet. It gets what a hospital
-        joining the federation would get (the synthetic pool and the final FM's soft targets on all
-        of it) and trains its site model on those alone; its own labels are only used to test it."""
+        joining the federation would get (the synthetic pool and the run's final targets on all of
+        it: the final FM mixed with every site's last answers, server_app/targets.py) and trains its
+        site model on those alone; its own labels are only used to test it."""
         cfg, node = self.cfg, self.holdout_node
         idx = np.arange(len(pool))
-        soft = encode_probs(teacher.probs(None, cfg.logit_size), cfg.logit_size, cfg.logit_dtype)
+        final = site_targets(
+            teacher.probs(None, cfg.logit_size),
+            site_probs,
+            site_counts,
+            cfg.holdout_site,
+            cfg.target_fm_weight,
+        )
+        soft = encode_probs(final, cfg.logit_size, cfg.logit_dtype)
         conf = {
             P.CFG_ROUND: rnd,
             P.CFG_STAGE: P.STAGE_BOOTSTRAP,
@@ -364,6 +380,10 @@ class DSFedMedStrategy(DeadlineFedAvg):
         size, n_pool = cfg.logit_size, len(pool)
         ensemble = torch.zeros(n_pool, 1, size, size)
         known = np.zeros(n_pool, bool)
+        # each site's latest probabilities on the whole pool and its weight (training-set size): the
+        # other sites' part of a site's targets (server_app/targets.py)
+        site_probs: dict[str, torch.Tensor] = {}
+        site_counts: dict[str, float] = {}
 
         def state() -> dict:  # everything a later round depends on (server_app/checkpoint.py)
             return {
@@ -375,10 +395,21 @@ class DSFedMedStrategy(DeadlineFedAvg):
                 "ensemble": ensemble.clone(),
                 "known": known.copy(),
                 "teacher": teacher.state(),
+                "site_probs": {s: p.clone() for s, p in site_probs.items()},
+                "site_counts": dict(site_counts),
             }
 
         if st is None:
             first = 1
+            adapt_loss = float("nan")
+            if cfg.fm_adapt_epochs > 0:  # the prompt-free teacher learns the task on the pool first
+                adapt_loss = teacher.adapt(cfg.fm_adapt_epochs, self.weights, seed=cfg.seed)
+                log.info(
+                    "FM decoder adapted on the pool: %d epoch(s), loss %.4f", cfg.fm_adapt_epochs, adapt_loss
+                )
+            self.rundir.save_checkpoint(
+                "fm_decoder_adapted.pt", teacher.decoder_state(), {"round": 0, "fm": cfg.fm}
+            )
             ev = self._evaluate(arrays, 0, "val", self.train_nodes)
             initial_test = self._scores(self._evaluate(arrays, 0, "test", self.train_nodes))
             self._log_row(
@@ -389,7 +420,12 @@ class DSFedMedStrategy(DeadlineFedAvg):
                 None,
                 before,
                 t0,
-                {"pool_id": pool.pool_id, "pool_size": n_pool, "pool_score": pool_score},
+                {
+                    "pool_id": pool.pool_id,
+                    "pool_size": n_pool,
+                    "pool_score": pool_score,
+                    "fm_adapt_loss": adapt_loss,
+                },
                 state=state(),
             )
         else:
@@ -397,11 +433,14 @@ class DSFedMedStrategy(DeadlineFedAvg):
             initial_test = st["initial_test"]
             teacher.load_state(st["teacher"])
             ensemble, known = st["ensemble"].clone(), np.asarray(st["known"]).copy()
+            site_probs = {s: p.clone() for s, p in st.get("site_probs", {}).items()}
+            site_counts = dict(st.get("site_counts", {}))
             if weights_mode:
                 arrays = ArrayRecord({k: Array(v) for k, v in st["arrays"].items()})
 
-        # the whole pool once is cheaper over the run than the selected samples every round
-        send_once = num_rounds * cfg.selection_rho > 1.0 or bool(has_pool)
+        # every site trains on (and answers on) the whole pool every round, so the pool travels once
+        # and is cached at the sites; selection gates the distillation term only
+        send_once = True
         sel_cfg = SelectionConfig(
             rule=cfg.selection_rule,
             lam=cfg.selection_lambda,
@@ -421,10 +460,14 @@ class DSFedMedStrategy(DeadlineFedAvg):
                 else None
             )
             idx, sel_stats = select(fm_probs, masks_small, ens_view, sel_cfg)
-            soft = encode_probs(fm_probs[idx], size, cfg.logit_dtype)
+            gate = torch.zeros(n_pool)
+            gate[torch.from_numpy(idx)] = 1.0
             nodes = fed.wait_for_nodes(cfg.min_sites, cfg.sampling_deadline_s, among=self.train_nodes)
             msgs = []
             for n in nodes:
+                # FM -> site: the FM mixed with the other sites' answers, on the selected samples
+                tgt = site_targets(fm_probs, site_probs, site_counts, fed.site_of(n), cfg.target_fm_weight)
+                soft = encode_probs(tgt[idx], size, cfg.logit_dtype)
                 conf = {
                     P.CFG_ROUND: rnd,
                     P.CFG_POOL_ID: pool.pool_id,
@@ -448,13 +491,13 @@ class DSFedMedStrategy(DeadlineFedAvg):
                     rec[P.KEY_ARRAYS] = arrays
                 msgs.append(fed.make(n, P.MSG_TRAIN, rec, rnd))
             ex = fed.send(msgs, timeout)
-            valid, probs, counts, losses = [], [], [], {}
+            valid, probs, counts, losses = [], {}, {}, {}
             for site, rep in ex.replies.items():
                 node = rep.metadata.src_node_id
                 why = self.validate_metrics(rep) or self.validate_example_count(site, rep)
                 p = None
                 if not why and cfg.exchange in ("logits", "hybrid"):
-                    p, why = self._validate_probs(rep, len(idx))
+                    p, why = self._validate_probs(rep, n_pool)
                 if not why and weights_mode:
                     why = self.validate_weights(rep, arrays)
                 if why:
@@ -464,12 +507,12 @@ class DSFedMedStrategy(DeadlineFedAvg):
                 if send_once:
                     has_pool.add(node)
                 valid.append(rep)
-                counts.append(float(rep.content.metric_records[P.KEY_METRICS][P.MET_NUM_EXAMPLES]))
+                counts[site] = float(rep.content.metric_records[P.KEY_METRICS][P.MET_NUM_EXAMPLES])
                 if p is not None:
-                    probs.append(p)
+                    probs[site] = p
                 losses[site] = float(rep.content.metric_records[P.KEY_METRICS].get(P.MET_LOSS, np.nan))
-            for site, reason in ex.errors.items():
-                if "not cached at this site" in reason:
+            for site, code in ex.error_codes.items():
+                if code == P.ERR_NO_POOL:  # the site lost its copy: send the pool again next round
                     has_pool.difference_update(n for n, s in fed.sites.items() if s == site)
             if len(valid) < cfg.min_sites:
                 raise FederationStopped(
@@ -490,15 +533,19 @@ class DSFedMedStrategy(DeadlineFedAvg):
                     P.MET_NUM_EXAMPLES,
                 )
                 result.arrays = arrays
-            if probs:  # logits / hybrid: the sites' ensemble, weighted by training-set size
-                w = torch.tensor(counts) / sum(counts)
-                ens = (torch.stack(probs) * w[:, None, None, None, None]).sum(0)
+            if probs:  # logits / hybrid: every site answered on the whole pool
+                site_probs.update(probs)
+                site_counts.update({s: counts[s] for s in probs})
+                ens = ensemble_of(probs, counts)  # this round's answers, weighted by training-set size
             else:  # weights: the averaged model plays the ensemble
                 server_model = self._server_model(arrays)
-                ens = self._model_probs(server_model, pool_images[idx])
-            ensemble[idx] = ens
-            known[idx] = True
-            fm_loss = teacher.distill(idx, ens, self.weights, cfg.fm_epochs, seed=rnd)
+                ens = self._model_probs(server_model, pool_images)
+            ensemble[:] = ens
+            known[:] = True
+            # sites -> FM: supervised on every pool mask, KL towards the ensemble on the selected
+            fm_loss = teacher.distill(
+                np.arange(n_pool), ensemble, self.weights, cfg.fm_epochs, seed=rnd, kd_gate=gate
+            )
             if cfg.exchange == "weights":
                 arrays = self._distill_server_model(
                     server_model, pool_images[idx], pool_masks[idx], fm_probs[idx], rnd
@@ -536,7 +583,7 @@ class DSFedMedStrategy(DeadlineFedAvg):
 
         bootstrap = None
         if self.holdout_node is not None and not weights_mode:
-            bootstrap = self._bootstrap_holdout(pool, teacher, has_pool, num_rounds)
+            bootstrap = self._bootstrap_holdout(pool, teacher, has_pool, num_rounds, site_probs, site_counts)
         final, holdout = self._final_evaluation(arrays, num_rounds)
         if holdout is not None and bootstrap is not None:
             holdout["bootstrap"] = bootstrap

@@ -63,6 +63,7 @@ class Exchange:
 
     replies: dict[str, Message] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
+    error_codes: dict[str, int] = field(default_factory=dict)  # the site's error code, by site
     timeouts: list[str] = field(default_factory=list)
 
 
@@ -215,6 +216,7 @@ class Federation:
             self.traffic.add(site, up=message_nbytes(rep), kind=traffic_kind(rep.metadata.message_type))
             if rep.has_error():
                 out.errors[site] = f"error {rep.error.code}: {rep.error.reason}"
+                out.error_codes[site] = int(rep.error.code)
                 log.warning("site %s replied with an error: %s", site, out.errors[site])
             else:
                 out.replies[site] = rep

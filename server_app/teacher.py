@@ -90,8 +90,11 @@ class FoundationTeacher:
         epochs: int,
         batch: int = 8,
         seed: int = 0,
+        kd_gate: torch.Tensor | None = None,
     ) -> float:
-        """Update the decoder on samples ``idx`` towards ``target_probs`` (the site ensemble) and masks."""
+        """Update the decoder on samples ``idx``: supervised on their masks, plus KL towards
+        ``target_probs`` (the sites' ensemble, aligned with ``idx``) on the samples ``kd_gate``
+        selects (all when None)."""
         if epochs <= 0 or len(idx) == 0:
             return float("nan")
         size = target_probs.shape[-1] if target_probs is not None else 64
@@ -105,13 +108,20 @@ class FoundationTeacher:
                 b = order[i : i + batch]
                 logits = self._logits(idx[b], size)
                 tgt = target_probs[b].to(logits.device) if target_probs is not None else None
-                loss = distillation_loss(logits, self.masks_at(idx[b], size).to(logits.device), tgt, w)
+                gate = kd_gate[b].to(logits.device) if kd_gate is not None else None
+                loss = distillation_loss(logits, self.masks_at(idx[b], size).to(logits.device), tgt, w, gate)
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 self.opt.step()
                 losses.append(float(loss.detach()))
         self.fm.eval()
         return float(np.mean(losses))
+
+    def adapt(self, epochs: int, w: DistillWeights, seed: int = 0) -> float:
+        """Before it teaches, the prompt-free FM learns the task on the pool's masks (supervised
+        only, decoder only): without it, a whole-image-box SAM answers "the whole frame"."""
+        sup_only = DistillWeights(supervised=1.0, kd=0.0, temperature=w.temperature, pos_weight=w.pos_weight)
+        return self.distill(np.arange(len(self.masks)), None, sup_only, epochs, seed=seed)
 
     def state(self) -> dict:
         """What distillation changes: the FM's trainable weights and their optimiser (a checkpoint)."""

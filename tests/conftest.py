@@ -21,6 +21,15 @@ REPO = Path(__file__).resolve().parents[1]
 POLYPGEN = default_polypgen_root()  # ../shared/data/polypgen or $DSFEDMED_POLYPGEN
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tiers: every test that runs the real app through Flower processes (``integration``) or trains
+    on the real hospitals (``realdata``) is also ``slow``; ``pytest -m "not slow"`` is the tier to run
+    before every commit (the README states its time)."""
+    for item in items:
+        if item.get_closest_marker("integration") or item.get_closest_marker("realdata"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path_factory, monkeypatch):
     """Each test session decodes site data into its own cache, never the user's."""

@@ -89,3 +89,34 @@ def test_fedfm_refuses_weights_of_another_part(task_identity, decoder_weights):
     )
     rep = app(msg, _ctx(**{"fm-trainable": "all"}))
     assert rep.has_error() and "do not fit" in rep.error.reason
+
+
+def test_embedding_cache_embeds_each_image_once_and_decodes_like_the_fm(tmp_path):
+    """fedfm-decoder and the FM floors: the frozen encoder runs once per image, ever (a later run,
+    seed or process reuses the file); a damaged entry is recomputed; the cached model's logits are
+    the prompt-free FM's (float16 embeddings: within a small tolerance)."""
+    import torch
+
+    from common.fm_cache import CachedPromptFreeSegmenter, EmbeddingCache
+
+    fm = load_foundation_model("litemedsam")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2, 3, 32, 32), dtype=np.uint8)
+    cache = EmbeddingCache(tmp_path, "litemedsam", "bundled", 256)
+    first = cache.embeddings(fm, images)
+    assert cache.computed == 2 and first.shape == (2, 256, 64, 64)
+    again = EmbeddingCache(tmp_path, "litemedsam", "bundled", 256)
+    assert torch.equal(again.embeddings(fm, images), first) and again.computed == 0
+    assert EmbeddingCache(tmp_path, "litemedsam", "other-weights", 256).key(images[0]) != cache.key(images[0])
+    again.path(again.key(images[1])).write_bytes(b"not an array")
+    assert torch.equal(again.embeddings(fm, images), first) and again.computed == 1
+
+    x = torch.from_numpy(images.astype(np.float32) / 255.0)
+    cached = CachedPromptFreeSegmenter(fm, again)
+    with torch.no_grad():
+        direct = PromptFreeSegmenter(fm, "decoder")(x)
+        via_cache = cached(x)
+    assert via_cache.shape == direct.shape == (2, 1, 32, 32)
+    assert torch.allclose(via_cache, direct, atol=0.05)
+    assert again.computed == 1  # the model read the cache, it did not embed again
+    assert set(cached.exchanged_module.state_dict()) == set(fm.decoder.state_dict())

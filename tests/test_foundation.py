@@ -36,7 +36,7 @@ def test_litemedsam_segments_real_polyps_with_mask_box(litemedsam):
     imgs = torch.from_numpy(site.images[idx])
     masks = torch.from_numpy(site.masks[idx]).float()
     with torch.no_grad():
-        logits = litemedsam(imgs, masks, mode="mask-box", out_size=256)
+        logits = litemedsam(imgs, masks, mode="oracle-mask-box", out_size=256)
     assert logits.shape == (5, 1, 256, 256)
     dice, _ = per_image_scores((logits > 0).float(), masks, thresholds=(0.5,))
     assert dice.mean().item() > 0.7, dice
@@ -116,7 +116,7 @@ def test_one_prompt_per_image_in_a_batch(litemedsam, decoder_source):
 
 def test_prompt_modes(litemedsam):
     with pytest.raises(ValueError, match="needs the masks"):
-        litemedsam.prompts(2, "mask-box", None)
+        litemedsam.prompts(2, "oracle-mask-box", None)
     with pytest.raises(ValueError, match="unknown prompt mode"):
         litemedsam.prompts(2, "points", None)
     assert litemedsam.prompts(2, "none", None) is None
@@ -136,11 +136,11 @@ def test_teacher_caches_embeddings_and_trains_only_the_decoder(litemedsam):
 
     fm = copy.deepcopy(litemedsam)
     site = phantom_site(3, 3, 64)
-    teacher = FoundationTeacher(fm, site.images, site.masks, "mask-box", learning_rate=1e-3)
+    teacher = FoundationTeacher(fm, site.images, site.masks, "oracle-mask-box", learning_rate=1e-3)
     assert teacher.embeddings.shape == (3, 256, 64, 64) and teacher.embeddings.dtype == torch.float16
     with torch.no_grad():
         direct = torch.sigmoid(
-            fm(torch.from_numpy(site.images), torch.from_numpy(site.masks).float(), out_size=16)
+            fm(torch.from_numpy(site.images), torch.from_numpy(site.masks).float(), mode="oracle-mask-box", out_size=16)
         )
     cached = teacher.probs(None, 16)
     assert (cached - direct).abs().max() < 0.02  # float16 cache, same answer
@@ -161,7 +161,7 @@ def test_teacher_embedding_cache_is_reused_only_for_its_key(litemedsam, tmp_path
     site = phantom_site(4, 2, 32)
     cache, key = tmp_path / "emb.pt", {"fm": "litemedsam", "checkpoint": "bundled", "pool": "p1"}
     first = FoundationTeacher(
-        litemedsam, site.images, site.masks, "mask-box", 1e-4, cache=cache, cache_key=key
+        litemedsam, site.images, site.masks, "oracle-mask-box", 1e-4, cache=cache, cache_key=key
     )
     assert cache.is_file()
 
@@ -170,7 +170,7 @@ def test_teacher_embedding_cache_is_reused_only_for_its_key(litemedsam, tmp_path
 
     monkeypatch.setattr(type(litemedsam), "embed", no_embedding)
     again = FoundationTeacher(
-        litemedsam, site.images, site.masks, "mask-box", 1e-4, cache=cache, cache_key=key
+        litemedsam, site.images, site.masks, "oracle-mask-box", 1e-4, cache=cache, cache_key=key
     )
     assert torch.equal(again.embeddings, first.embeddings)
     # another pool (or other FM weights) must not reuse it
@@ -179,11 +179,13 @@ def test_teacher_embedding_cache_is_reused_only_for_its_key(litemedsam, tmp_path
             litemedsam,
             site.images,
             site.masks,
-            "mask-box",
+            "oracle-mask-box",
             1e-4,
             cache=cache,
             cache_key={**key, "pool": "p2"},
         )
     cache.write_bytes(b"not a torch file")  # a corrupt cache is recomputed, never trusted
     with pytest.raises(AssertionError, match="must not be recomputed"):
-        FoundationTeacher(litemedsam, site.images, site.masks, "mask-box", 1e-4, cache=cache, cache_key=key)
+        FoundationTeacher(
+            litemedsam, site.images, site.masks, "oracle-mask-box", 1e-4, cache=cache, cache_key=key
+        )

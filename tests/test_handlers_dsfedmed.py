@@ -86,20 +86,24 @@ def test_logits_round_replies_with_compact_probs_only(task_identity, ctx):
     rep = app(_train_msg([0, 2, 4]), ctx())
     assert not rep.has_error(), rep.error.reason if rep.has_error() else ""
     assert P.KEY_ARRAYS not in rep.content.array_records  # the site model stays at the site
+    # the site answers on the whole pool (6 samples), so every sample has the sites' view
     probs = rep.content.array_records[P.KEY_SITE_PROBS][P.ARR_PROBS].numpy()
-    assert probs.dtype == np.uint8 and probs.shape == (3, 1, 16, 16)
-    decode_probs(probs, expected_n=3, expected_size=16)
+    assert probs.dtype == np.uint8 and probs.shape == (6, 1, 16, 16)
+    decode_probs(probs, expected_n=6, expected_size=16)
     m = rep.content.metric_records[P.KEY_METRICS]
-    assert m["distill-steps"] >= 1 and np.isfinite(m["distill-loss"])
+    # supervised on every pool sample (6 at batch 4: 2 steps), distillation gated to the 3 selected
+    assert m["distill-steps"] == 2 and np.isfinite(m["distill-loss"])
+    assert m[P.MET_STEPS] >= 1
     # the pool was cached: the next round refers to it by id only, and the model carried over
     rep2 = app(_train_msg([1, 5], included="none"), ctx())
     assert not rep2.has_error(), rep2.error.reason if rep2.has_error() else ""
-    assert rep2.content.array_records[P.KEY_SITE_PROBS][P.ARR_PROBS].numpy().shape == (2, 1, 16, 16)
+    assert rep2.content.array_records[P.KEY_SITE_PROBS][P.ARR_PROBS].numpy().shape == (6, 1, 16, 16)
 
 
 def test_uncached_pool_is_an_error_the_server_can_act_on(task_identity, ctx):
     rep = app(_train_msg([0], included="none", pool_id="never-sent"), ctx())
-    assert rep.has_error() and rep.error.code == ERR_PAYLOAD and "not cached at this site" in rep.error.reason
+    # a code, not a text, tells the server to resend the pool
+    assert rep.has_error() and rep.error.code == P.ERR_NO_POOL and "not cached at this site" in rep.error.reason
 
 
 @pytest.mark.parametrize(
@@ -144,9 +148,9 @@ def test_pool_sent_at_generator_size_is_trained_on_at_image_size(task_identity, 
     small = phantom_site(50, 6, 16)
     rep = app(_train_msg([0, 3], pool=(small.images, small.masks), pool_id="g16"), ctx())
     assert not rep.has_error(), rep.error.reason if rep.has_error() else ""
-    images, masks = seen[0]
-    assert images.shape == (2, 3, 32, 32) and masks.shape == (2, 1, 32, 32)
-    want_i, want_m = resize_pairs(small.images[[0, 3]], small.masks[[0, 3]], 32)
+    images, masks = seen[0]  # the whole pool: supervised on all, distillation on the selected two
+    assert images.shape == (6, 3, 32, 32) and masks.shape == (6, 1, 32, 32)
+    want_i, want_m = resize_pairs(small.images, small.masks, 32)
     np.testing.assert_array_equal(images, want_i)
     np.testing.assert_array_equal(masks, want_m)
     store = SiteStore(str(ctx().node_config["state-dir"]), 11, "phantom-0")

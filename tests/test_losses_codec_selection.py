@@ -16,13 +16,33 @@ def test_binary_kl_hand_computed():
     assert binary_kl(p, p).item() == pytest.approx(0.0, abs=1e-7)
 
 
-def test_kd_loss_scales_with_temperature_squared():
+def test_kd_loss_applies_temperature_to_teacher_and_student():
+    """Teacher probabilities travel at T = 1; the receiver softens both sides by T (Hinton) and
+    scales by T^2. At T = 2 a student whose logits equal the teacher's has zero loss."""
     logits = torch.full((1, 1, 2, 2), 2.0)
     teacher = torch.full((1, 1, 2, 2), 0.3)
     t = 2.0
-    s = 1 / (1 + math.exp(-2.0 / t))
-    expected = (0.3 * math.log(0.3 / s) + 0.7 * math.log(0.7 / (1 - s))) * t * t
-    assert kd_loss(logits, teacher, temperature=t).item() == pytest.approx(expected, rel=1e-5)
+    pt = 1 / (1 + math.exp(-math.log(0.3 / 0.7) / t))  # teacher at T
+    s = 1 / (1 + math.exp(-2.0 / t))  # student at T
+    expected = (pt * math.log(pt / s) + (1 - pt) * math.log((1 - pt) / (1 - s))) * t * t
+    assert kd_loss(logits, teacher, temperature=t).item() == pytest.approx(expected, rel=1e-4)
+    same = torch.full((1, 1, 2, 2), math.log(0.3 / 0.7))
+    assert kd_loss(same, teacher, temperature=t).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kd_gate_limits_the_kl_term_to_selected_samples():
+    logits = torch.zeros(2, 1, 2, 2)
+    teacher = torch.stack([torch.full((1, 2, 2), 0.5), torch.full((1, 2, 2), 0.9)])
+    only_first = kd_loss(logits, teacher, sample_weights=torch.tensor([1.0, 0.0]))
+    assert only_first.item() == pytest.approx(0.0, abs=1e-6)  # the first sample agrees with the student
+    both = kd_loss(logits, teacher)
+    assert kd_loss(logits, teacher, sample_weights=torch.tensor([0.0, 1.0])).item() == pytest.approx(
+        2 * both.item(), rel=1e-5
+    )
+    masks = torch.zeros(2, 1, 2, 2)
+    w = DistillWeights(supervised=0.9, kd=0.1)
+    none_selected = distillation_loss(logits, masks, teacher, w, kd_gate=torch.zeros(2))
+    assert none_selected.item() == pytest.approx(distillation_loss(logits, masks, None, w).item())
 
 
 def test_kd_loss_resizes_student_to_teacher():
@@ -126,3 +146,18 @@ def test_rule_all_and_unknown():
     assert select(_probs([0.5] * 3), m, None, SelectionConfig(rule="all"))[0].tolist() == [0, 1, 2]
     with pytest.raises(ValueError, match="unknown selection rule"):
         select(_probs([0.5] * 3), m, _probs([0.5] * 3), SelectionConfig(rule="best"))
+
+
+def test_site_targets_mix_the_fm_with_the_other_sites_only():
+    from server_app.targets import ensemble, site_targets
+
+    fm = torch.full((2, 1, 2, 2), 0.8)
+    sites = {"A": torch.full((2, 1, 2, 2), 0.2), "B": torch.full((2, 1, 2, 2), 0.4), "C": torch.zeros(2, 1, 2, 2)}
+    n = {"A": 100.0, "B": 300.0, "C": 0.0}
+    # site A never gets its own answer back: 0.5 * FM + 0.5 * B (C weighs nothing)
+    assert torch.allclose(site_targets(fm, sites, n, "A", 0.5), torch.full_like(fm, 0.5 * 0.8 + 0.5 * 0.4))
+    # a newcomer gets every site: 0.25 * FM + 0.75 * (100 * 0.2 + 300 * 0.4) / 400
+    assert torch.allclose(site_targets(fm, sites, n, "new", 0.25), torch.full_like(fm, 0.2 + 0.75 * 0.35))
+    assert torch.equal(site_targets(fm, {}, {}, "A", 0.5), fm)  # nobody answered yet: the FM alone
+    assert torch.equal(site_targets(fm, sites, n, "A", 1.0), fm)
+    assert torch.allclose(ensemble({"A": sites["A"], "B": sites["B"]}, n), torch.full_like(fm, 0.35))

@@ -47,6 +47,7 @@ DSFEDMED = {
     "gen-batch-size": 4,
 }
 SELECTED = [0, 2, 4]
+POOL_N = 6  # the pool of _pool(): sites answer on all of it
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +166,8 @@ def dsfedmed(tmp_path):
 
 
 def test_real_logits_reply_passes(real, dsfedmed):
-    p, why = dsfedmed._validate_probs(real["logits"][1], len(SELECTED))
-    assert why is None and p.shape == (3, 1, 16, 16)
+    p, why = dsfedmed._validate_probs(real["logits"][1], POOL_N)
+    assert why is None and p.shape == (POOL_N, 1, 16, 16)  # sites answer on the whole pool
     assert DeadlineFedAvg.validate_metrics(real["logits"][1]) is None
 
 
@@ -187,7 +188,7 @@ def test_bad_site_probs_rejected(real, dsfedmed, probs, needle):
     if probs.dtype == np.float16:  # a float16 run: the values themselves are wrong
         dsfedmed.cfg = parse_run_config({**DSFEDMED, "logit-dtype": "float16"})
     rep = _damaged(real["logits"], **{P.KEY_SITE_PROBS: to_array_record({P.ARR_PROBS: probs})})
-    p, why = dsfedmed._validate_probs(rep, len(SELECTED))
+    p, why = dsfedmed._validate_probs(rep, 3)
     assert p is None and needle in why and P.KEY_SITE_PROBS in why
 
 
@@ -201,7 +202,7 @@ def test_float16_probs_rejected_when_the_run_says_uint8(real, dsfedmed):
 def test_huge_site_probs_rejected_before_decoding(real, dsfedmed, no_decode):
     huge = np.zeros((3, 1, 1024, 1024), np.uint8)  # 3 MB where 768 bytes are due
     rep = _damaged(real["logits"], **{P.KEY_SITE_PROBS: to_array_record({P.ARR_PROBS: huge})})
-    p, why = dsfedmed._validate_probs(rep, len(SELECTED))
+    p, why = dsfedmed._validate_probs(rep, 3)
     assert p is None and "bytes, more than" in why and "'site-probs'" in why
     assert no_decode == []  # turned away on its length alone
 
@@ -223,7 +224,7 @@ def test_huge_site_probs_rejected_before_decoding(real, dsfedmed, no_decode):
 )
 def test_missing_or_undecodable_site_probs_rejected(real, dsfedmed, record, needle):
     rep = _damaged(real["logits"], **{P.KEY_SITE_PROBS: record})
-    p, why = dsfedmed._validate_probs(rep, len(SELECTED))
+    p, why = dsfedmed._validate_probs(rep, 3)
     assert p is None and needle in why
 
 
@@ -519,6 +520,9 @@ class _StubTeacher:
 
     def distill(self, idx, ens, *_a, **_k):
         _StubTeacher.seen.append((np.asarray(idx).copy(), ens.detach().clone()))
+        return 0.0
+
+    def adapt(self, *_a, **_k):
         return 0.0
 
     def decoder_state(self):
