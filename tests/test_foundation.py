@@ -140,7 +140,12 @@ def test_teacher_caches_embeddings_and_trains_only_the_decoder(litemedsam):
     assert teacher.embeddings.shape == (3, 256, 64, 64) and teacher.embeddings.dtype == torch.float16
     with torch.no_grad():
         direct = torch.sigmoid(
-            fm(torch.from_numpy(site.images), torch.from_numpy(site.masks).float(), mode="oracle-mask-box", out_size=16)
+            fm(
+                torch.from_numpy(site.images),
+                torch.from_numpy(site.masks).float(),
+                mode="oracle-mask-box",
+                out_size=16,
+            )
         )
     cached = teacher.probs(None, 16)
     assert (cached - direct).abs().max() < 0.02  # float16 cache, same answer

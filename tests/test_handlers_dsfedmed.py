@@ -103,7 +103,9 @@ def test_logits_round_replies_with_compact_probs_only(task_identity, ctx):
 def test_uncached_pool_is_an_error_the_server_can_act_on(task_identity, ctx):
     rep = app(_train_msg([0], included="none", pool_id="never-sent"), ctx())
     # a code, not a text, tells the server to resend the pool
-    assert rep.has_error() and rep.error.code == P.ERR_NO_POOL and "not cached at this site" in rep.error.reason
+    assert (
+        rep.has_error() and rep.error.code == P.ERR_NO_POOL and "not cached at this site" in rep.error.reason
+    )
 
 
 @pytest.mark.parametrize(

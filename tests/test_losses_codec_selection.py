@@ -152,7 +152,11 @@ def test_site_targets_mix_the_fm_with_the_other_sites_only():
     from server_app.targets import ensemble, site_targets
 
     fm = torch.full((2, 1, 2, 2), 0.8)
-    sites = {"A": torch.full((2, 1, 2, 2), 0.2), "B": torch.full((2, 1, 2, 2), 0.4), "C": torch.zeros(2, 1, 2, 2)}
+    sites = {
+        "A": torch.full((2, 1, 2, 2), 0.2),
+        "B": torch.full((2, 1, 2, 2), 0.4),
+        "C": torch.zeros(2, 1, 2, 2),
+    }
     n = {"A": 100.0, "B": 300.0, "C": 0.0}
     # site A never gets its own answer back: 0.5 * FM + 0.5 * B (C weighs nothing)
     assert torch.allclose(site_targets(fm, sites, n, "A", 0.5), torch.full_like(fm, 0.5 * 0.8 + 0.5 * 0.4))
