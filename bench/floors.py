@@ -81,6 +81,46 @@ def _mean_over_seeds(runs: list[dict[str, dict]]) -> dict[str, dict]:
     }
 
 
+def eval_parts(cfg: RunConfig, num_sites: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each site's scored pairs: a training site's test split, the held-out site's every pair."""
+    parts = {}
+    for k in range(num_sites):
+        site, split = load_site(cfg, NodeConfig(partition_id=k, num_partitions=num_sites))
+        parts[site.name] = _eval_part(site, split, site.name == cfg.holdout_site)
+    return parts
+
+
+def fm_decoder_scores(
+    cfg: RunConfig,
+    parts: dict[str, tuple[np.ndarray, np.ndarray]],
+    decoder: dict[str, np.ndarray] | None = None,
+    log: Callable[[str], None] = print,
+    cache_root=None,
+) -> dict:
+    """The FM (prompt-free, whole-image box) on the benchmark's splits, with its shipped decoder or
+    with ``decoder`` (a DSFedMed run's adapted or final decoder): the teacher measured where the
+    benchmark has the labels (a deployment does not need this)."""
+    from common.fm_cache import EmbeddingCache
+    from common.foundation import fm_checkpoint_id, load_foundation_model
+
+    fm = load_foundation_model(cfg.fm, cfg.fm_checkpoint, "cpu", expected_sha256=cfg.fm_checkpoint_sha256)
+    if decoder is not None:
+        fm.decoder.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in decoder.items()})
+    cache = EmbeddingCache(
+        cache_root or default_cache_dir() / "fm-embeddings",
+        cfg.fm,
+        fm_checkpoint_id(cfg.fm_checkpoint),
+        fm.spec.input_size,
+    )
+    per_site = {}
+    for s, (images, masks) in parts.items():
+        emb = cache.embeddings(fm, images)
+        with torch.no_grad():
+            logits = fm.decode(emb, fm.prompts(len(images), "whole-box", None), images.shape[-1])
+        per_site[s] = score_probs(torch.sigmoid(logits), masks)
+    return _summarise(per_site, cfg.holdout_site)
+
+
 def compute_floors(
     cfg: RunConfig,
     num_sites: int,

@@ -176,7 +176,20 @@ def _polypgen(name: str, image_size: int, description: str, device_note: str = "
             Variant("fedfm-decoder", "fedfm-decoder"),
             Variant("dsfedmed-logits", "dsfedmed-logits"),
         ),
-        extra={**RECIPE, "evaluate-every": 4, **({"device": "auto"} if device_note else {})},
+        extra={
+            **RECIPE,
+            "evaluate-every": 4,
+            "pool-score-epochs": 5,  # the pool's quality, measured at the sites, in every DSFedMed unit
+            # the FM: its decoder learns at 3e-4 (fedfm-decoder's sites and DSFedMed's teacher alike);
+            # the teacher first adapts on the pool for 10 epochs
+            "fm-learning-rate": 3e-4,
+            "fm-batch-size": 8,
+            "fm-adapt-epochs": 10,
+            # a newcomer (the held-out hospital) trains on the pool and the final targets for as many
+            # epochs as the federation had rounds
+            "holdout-epochs": rounds,
+            **({"device": "auto"} if device_note else {}),
+        },
         run_timeout_s=3 * 3600.0,
         meaningful=True,
     )

@@ -528,3 +528,58 @@ def write_results(res: dict, out_dir: Path) -> dict[str, Path]:
     atomic_write_text(js, json.dumps(json_safe(res), indent=1) + "\n")
     atomic_write_text(md, markdown(res, plots))
     return {"json": js, "markdown": md, **{k: out_dir / v for k, v in plots.items()}}
+
+
+README_START = "<!-- bench:{profile}:start -->"
+README_END = "<!-- bench:{profile}:end -->"
+
+
+def readme_block(res: dict) -> str:
+    """The README's results table for a profile, generated from its results file (never typed)."""
+    sc = res["scale"]
+    bf = res.get("best_floor") or {}
+    lines = [
+        f"**`{res['profile']}`** ([table](bench/results/{res['profile']}.md), "
+        f"[json](bench/results/{res['profile']}.json)): {res['description']}; recipe {sc.get('recipe')}. "
+        "Dice@0.5 on the sites' test splits and on the held-out hospital (mean ± std over seeds; "
+        "threshold-averaged Dice in brackets); floors in italics.",
+        "",
+        "| row | seeds | Dice@0.5 test | Dice@0.5 held-out | MB, whole run |",
+        "|---|---|---|---|---|",
+    ]
+    for name, f in res.get("floors", {}).items():
+        lines.append(
+            f"| *{name}* | - | {_fmt(f.get('dice05_test_mean'))} ({_fmt(f.get('dice_test_mean'))}) "
+            f"| {_fmt(f.get('dice05_holdout'))} | 0 |"
+        )
+    for name, m in res["methods"].items():
+        if "dice05_test_mean" not in m:
+            lines.append(f"| {name} | {m.get('status', 'not run')} | | | |")
+            continue
+        mark = " (**at the floor**)" if m.get("at_floor") else ""
+        lines.append(
+            f"| `{name}`{mark} | {len(m['seeds'])} | {_fmt(m['dice05_test_mean'], m.get('dice05_test_mean_std'))} "
+            f"({_fmt(m['dice_test_mean'])}) | {_fmt(m['dice05_holdout'], m.get('dice05_holdout_std'))} "
+            f"| {_mb(m['bytes_total'])} |"
+        )
+    if bf:
+        lines += ["", f"Best floor: `{bf['name']}` {bf['dice05_test_mean']:.3f}."]
+    if res.get("bar"):
+        lines += ["", "| bar | value | target | met |", "|---|---|---|---|"]
+        for b in res["bar"]:
+            lines.append(
+                f"| {b['claim']} | {b['value']} | {b['target']} | {'yes' if b['met'] else '**no**'} |"
+            )
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, res: dict) -> bool:
+    """Replace the block between the profile's markers in the README; False if it has none."""
+    text = readme.read_text()
+    start, end = README_START.format(profile=res["profile"]), README_END.format(profile=res["profile"])
+    if start not in text or end not in text:
+        return False
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    atomic_write_text(readme, head + start + "\n" + readme_block(res) + "\n" + end + tail)
+    return True

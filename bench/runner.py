@@ -357,7 +357,34 @@ class BenchRunner:
             except Exception as exc:  # noqa: BLE001 - one failed run is recorded, the bench goes on
                 status, details = "failed", f"{type(exc).__name__}: {str(exc)[-1500:]}"
         rec = _flower_record(run_dir, time.time() - t0, mem.peak_mb, status, details)
+        if rec["status"] == "completed" and v.method.startswith("dsfedmed") and self.profile.meaningful:
+            rec.setdefault("extra", {})["fm_eval"] = self._teacher_scores(cfg, run_dir)
         self._finish(v, seed, cfg, run_dir, rec)
+
+    def _teacher_scores(self, cfg: dict, run_dir: Path) -> dict:
+        """The DSFedMed teacher measured on the sites' test splits and the held-out hospital:
+        zero-shot (shipped decoder), after adaptation on the pool (before round 1), at the end."""
+        from bench.floors import eval_parts, fm_decoder_scores
+
+        run = parse_run_config(cfg)
+        parts = eval_parts(run, self.profile.num_sites)
+        out: dict = {}
+        for label, name in (
+            ("zero_shot", None),
+            ("adapted", "fm_decoder_adapted.pt"),
+            ("end", "fm_decoder_final.pt"),
+        ):
+            decoder = None
+            if name is not None:
+                path = run_dir / "checkpoints" / name
+                if not path.is_file():
+                    continue
+                payload = torch.load(path, map_location="cpu", weights_only=True)
+                decoder = {k: v.numpy() for k, v in payload["state_dict"].items()}
+            sc = fm_decoder_scores(run, parts, decoder, log=self.log)
+            out[f"fm_dice05_test_{label}"] = sc["dice05_test_mean"]
+            out[f"fm_dice05_holdout_{label}"] = sc["dice05_holdout"]
+        return out
 
     def _run_inprocess(self, v: Variant, seed: int, base: dict) -> None:
         cfg_dict = v.run_config(base, seed)

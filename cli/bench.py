@@ -124,6 +124,9 @@ def report(
     rebuild: Annotated[
         bool, typer.Option(help="rebuild the results from the unit files first (no training runs)")
     ] = True,
+    readme: Annotated[
+        Path | None, typer.Option(help="also regenerate this README's results block for the profile")
+    ] = None,
 ) -> None:
     """Rebuild ``<profile>.json``/``.md`` and the plots from whatever unit files exist (an
     interrupted benchmark's partial table), then print it."""
@@ -144,7 +147,14 @@ def report(
         write_results(res, results_dir.resolve())
     if not path.is_file():
         raise typer.BadParameter(f"{path} does not exist; run `dsfedmed bench run --profile {profile}` first")
-    _print_table(json.loads(path.read_text()))
+    res = json.loads(path.read_text())
+    _print_table(res)
+    if readme is not None:
+        from bench.report import update_readme
+
+        if not update_readme(readme, res):
+            raise typer.BadParameter(f"{readme} has no '<!-- bench:{p.name}:start/end -->' markers")
+        console.print(f"README block for {p.name} regenerated in {readme}")
 
 
 def _print_table(res: dict) -> None:

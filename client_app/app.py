@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -319,6 +320,8 @@ def train_generator_handler(msg: Message, context: Context) -> Message:
         log=lambda m: log.info("%s: %s", site.name, m),
         dp=DPSGD(gdp.noise_multiplier, gdp.max_grad_norm, gdp.delta) if gdp.enabled else None,
     )
+    if run.gen_upload_dtype == "float16":  # half the bytes; the server's sampler casts them back
+        state = {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in state.items()}
     flat = {k: float(v) for k, v in stats.items() if isinstance(v, int | float)}
     content = RecordDict({P.KEY_GENERATOR: to_array_record(state), P.KEY_GEN_STATS: ConfigRecord(flat)})
     return Message(content, reply_to=msg)

@@ -179,7 +179,10 @@ class RunConfig(_Strict):
         description="reuse/store the synthetic pool and its FM embeddings here; empty = run directory only",
     )
     pool_seed: int = Field(-1, ge=-1, description="seed of the synthetic pool; -1 = the run seed")
-    gen_size: int = Field(32, ge=16, le=256)
+    gen_size: int = Field(64, ge=16, le=256, description="pool resolution (px) the generators make")
+    gen_upload_dtype: Literal["float16", "float32"] = Field(
+        "float16", description="precision of the generator weights a site uploads (half the bytes in float16)"
+    )
     gen_steps: int = Field(3000, ge=1)
     gen_seconds: float = Field(150.0, gt=0.0)
     gen_batch_size: int = Field(32, ge=1, le=1024)

@@ -170,3 +170,32 @@ def test_generator_uploads_count_in_every_dsfedmed_run():
     assert claim["value"] == pytest.approx(0.095) and claim["value_excluding_generators"] == pytest.approx(
         0.005
     )
+
+
+def test_readme_block_is_generated_from_the_results(tmp_path):
+    from bench.report import update_readme
+
+    res = {
+        "profile": "polypgen",
+        "description": "reference",
+        "scale": {"recipe": {"model": "unet-m"}},
+        "floors": {"all-foreground": {"dice05_test_mean": 0.13, "dice_test_mean": 0.12, "dice05_holdout": 0.1}},
+        "best_floor": {"name": "all-foreground", "dice05_test_mean": 0.13},
+        "methods": {
+            "central": {"seeds": [0, 1], "dice05_test_mean": 0.52, "dice05_test_mean_std": 0.01,
+                        "dice_test_mean": 0.5, "dice05_holdout": 0.5, "bytes_total": 0, "at_floor": False},
+            "local": {"seeds": [0], "dice05_test_mean": 0.15, "dice_test_mean": 0.14, "dice05_holdout": None,
+                      "bytes_total": 0, "at_floor": True},
+            "fedavg": {"status": "not run"},
+        },
+        "bar": [{"claim": "central >= 0.50", "value": 0.52, "target": 0.5, "met": True}],
+    }  # fmt: skip
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- bench:polypgen:start -->\nold\n<!-- bench:polypgen:end -->\nrest\n")
+    assert update_readme(readme, res)
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("intro\n") and text.endswith("rest\n")
+    assert "| `central` | 2 | 0.520 ± 0.010 (0.500) | 0.500 | 0 |" in text
+    assert "| `local` (**at the floor**) |" in text and "| fedavg | not run |" in text
+    assert "| *all-foreground* | - | 0.130 (0.120) |" in text
+    assert not update_readme(tmp_path / "README.md", {**res, "profile": "other"})
