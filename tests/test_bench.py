@@ -191,10 +191,10 @@ def test_readme_block_is_generated_from_the_results(tmp_path):
         "bar": [{"claim": "central >= 0.50", "value": 0.52, "target": 0.5, "met": True}],
     }  # fmt: skip
     readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- bench:polypgen:start -->\nold\n<!-- bench:polypgen:end -->\nrest\n")
+    readme.write_text("intro\n<!-- bench:polypgen:start -->\nstale text\n<!-- bench:polypgen:end -->\nrest\n")
     assert update_readme(readme, res)
     text = readme.read_text()
-    assert "old" not in text and text.startswith("intro\n") and text.endswith("rest\n")
+    assert "stale text" not in text and text.startswith("intro\n") and text.endswith("rest\n")
     assert "| `central` | 2 | 0.520 ± 0.010 (0.500) | 0.500 | 0 |" in text
     assert "| `local` (**at the floor**) |" in text and "| fedavg | not run |" in text
     assert "| *all-foreground* | - | 0.130 (0.120) |" in text
