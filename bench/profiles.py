@@ -176,6 +176,46 @@ def _polypgen(name: str, image_size: int, description: str, device_note: str = "
             Variant("fedfm-decoder", "fedfm-decoder"),
             Variant("dsfedmed-logits", "dsfedmed-logits"),
         ),
+        # what each part of DSFedMed adds: one seed each, read against the default's seed spread
+        ablations=(
+            Variant(
+                "abl-no-kd",
+                "dsfedmed-logits",
+                {"kd-weight": 0.0},
+                seeds=(0,),
+                note="kd-weight 0: the pool's masks only, no distillation at the sites",
+            ),
+            Variant(
+                "abl-no-sites-to-fm",
+                "dsfedmed-logits",
+                {"fm-epochs": 0},
+                seeds=(0,),
+                note="the FM never learns from the sites (one-way distillation)",
+            ),
+            Variant(
+                "abl-selection-all",
+                "dsfedmed-logits",
+                {"selection-rule": "all"},
+                seeds=(0,),
+                note="distillation on every pool sample (no learnability-guided selection)",
+            ),
+            Variant(
+                "abl-no-fm-teacher",
+                "dsfedmed-logits",
+                {"target-fm-weight": 0.0},
+                seeds=(0,),
+                note="targets from the other sites' ensemble only (FM teacher off)",
+            ),
+            # its own pool: an empty pool-dir keeps the phantom pool in its run directory, so the
+            # generator pool cached for the other DSFedMed units is never replaced
+            Variant(
+                "abl-phantom-pool",
+                "dsfedmed-logits",
+                {"pool-source": "phantoms", "pool-dir": ""},
+                seeds=(0,),
+                note="the pool from built-in phantoms instead of the sites' generators",
+            ),
+        ),  # fmt: skip
         extra={
             **RECIPE,
             "evaluate-every": 4,

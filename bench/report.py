@@ -96,6 +96,7 @@ def aggregate(
         if v.overrides:
             entry["overrides"] = v.overrides
         for key in (
+            "dice05_test_round0",
             "dice05_test_mean",
             "iou05_test_mean",
             "dice_test_mean",

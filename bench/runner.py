@@ -24,9 +24,21 @@ from common.models import build_model, count_parameters
 from common.runtime import configure_threads
 from server_app.rundir import json_safe
 
+# where a unit's files go: not part of what it measures, so a checkout elsewhere (another worktree,
+# another machine) recognises the same units
+_PATH_KEYS = ("run-dir", "runs-root", "pool-dir", "split-file", "data-root")
+
 
 def _config_hash(cfg: dict) -> str:
-    keep = {k: v for k, v in cfg.items() if k not in ("run-dir",)}
+    """What identifies a unit's configuration: the run config without its paths, with the split
+    file's content (the split itself) and the data folder's name in their place."""
+    keep = {k: v for k, v in cfg.items() if k not in _PATH_KEYS}
+    if cfg.get("split-file"):
+        keep["split"] = hashlib.sha256(Path(cfg["split-file"]).read_bytes()).hexdigest()
+    if cfg.get("data-root"):
+        keep["data"] = Path(cfg["data-root"]).name
+    if cfg.get("pool-dir") == "":
+        keep["pool-dir"] = ""  # an own pool (not the shared cached one) is part of the unit
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -111,6 +123,8 @@ def _flower_record(run_dir: Path, wall: float, peak_mb: float, status: str, deta
         test=test,
         **_means(test),
         **_holdout(summary.get("holdout")),
+        # the global model before training (fedfm-decoder: the FM zero-shot) on the same test splits
+        dice05_test_round0=summary.get("dice05_test_initial_mean"),
         bytes_total=summary["bytes_total"],
         bytes_down=summary["bytes_down_total"],
         bytes_up=summary["bytes_up_total"],
@@ -164,6 +178,7 @@ class BenchRunner:
         log: Callable[[str], None] = print,
         only: set[str] | None = None,
         units_dir: Path | None = None,
+        seeds: set[int] | None = None,
     ):
         """``units_dir``: one JSON file per (variant, seed) and one for the floors, written as each
         finishes (the CLI keeps them beside the results, in the repository, so that an interrupted
@@ -173,6 +188,7 @@ class BenchRunner:
         self.work = work_dir.resolve()
         self.log = log
         self.only = only
+        self.seeds = seeds  # run only these seeds now (the results still report every unit on disk)
         self.units_dir = (units_dir or self.work / "units").resolve()
         self.records_path = self.units_dir  # where the results are (for log lines)
         self.split_sizes: dict | None = None
@@ -257,6 +273,7 @@ class BenchRunner:
             for v in p.variants()
             for s in (v.seeds or p.seeds)
             if (self.only is None or v.name in self.only)
+            and (self.seeds is None or s in self.seeds)
             and (v.name, s, _config_hash(v.run_config(base, s))) not in done
         ]
         self.log(f"profile {p.name}: {len(todo)} run(s) to do, results in {self.records_path}")

@@ -72,6 +72,9 @@ def run(
     results_dir: ResultsOpt = REPO / "bench" / "results",
     work_dir: WorkOpt = None,
     only: Annotated[str, typer.Option(help="comma-separated variant names to run (default all)")] = "",
+    seeds: Annotated[
+        str, typer.Option(help="comma-separated seeds to run now (default the profile's; e.g. 0 first)")
+    ] = "",
     fresh: Annotated[
         bool, typer.Option(help="forget earlier units of this profile (default: resume)")
     ] = False,
@@ -100,6 +103,7 @@ def run(
         log=lambda m: console.print(f"[bold cyan]bench[/] {m}"),
         only=set(filter(None, only.split(","))) or None,
         units_dir=units,
+        seeds={int(s) for s in seeds.split(",") if s.strip()} or None,
     )
     with stop_children_on_sigterm():  # a stopped bench stops its SuperLink and sites by PID
         floor_rows = runner.run_floors(with_fm=p.meaningful) if floors else runner.load_floors()

@@ -198,17 +198,34 @@ class SiteTrainer:
         private: bool = True,
         kd_gate: torch.Tensor | None = None,
     ) -> dict[str, float]:
-        """DSFedMed site step: local epochs on private data, then epochs over the synthetic samples:
-        supervised BCE on every sample's mask + KL towards the soft targets on the samples that
-        ``kd_gate`` (N,) selects (all when None; ``teacher_probs`` is aligned with the samples).
+        """DSFedMed site step: epochs over the synthetic samples (supervised BCE on every sample's
+        mask + KL towards the soft targets on the samples ``kd_gate`` (N,) selects; all when None;
+        ``teacher_probs`` is aligned with the samples), then the local epochs on private data.
+
+        Distillation comes first so that every round ends on the site's own domain: the pool carries
+        the other sites' and the FM's knowledge in, and the private epochs anchor the model to the
+        site's real images before it is evaluated and before it answers on the pool.
         ``private=False`` (a held-out site bootstrapping) learns from the synthetic samples only."""
         t0 = time.time()
+        out: dict[str, float] = {}
+        if len(syn_images):
+            out.update(self._distill(s, syn_images, syn_masks, teacher_probs, w, kd_gate))
         if private:
-            out = self.train(s)
+            out.update(self.train(s))
         else:
-            out = {"train-loss": float("nan"), "num-examples": len(syn_images), "steps": 0}
-        if len(syn_images) == 0:
-            return out
+            out.update({"train-loss": float("nan"), "num-examples": len(syn_images), "steps": 0})
+        out["seconds"] = time.time() - t0
+        return out
+
+    def _distill(
+        self,
+        s: TrainSettings,
+        syn_images: np.ndarray,
+        syn_masks: np.ndarray,
+        teacher_probs: torch.Tensor | None,
+        w: DistillWeights,
+        kd_gate: torch.Tensor | None,
+    ) -> dict[str, float]:
         gen = torch.Generator().manual_seed(s.seed + 1)
         x_all = to_float_batch(syn_images)
         m_all = torch.from_numpy(syn_masks.astype(np.float32))
@@ -236,10 +253,7 @@ class SiteTrainer:
                 steps += 1
             progress.epoch(epoch, total / max(steps, 1), steps)
         self.optim_states["distill"] = opt.state_dict()
-        out["distill-loss"] = total / max(steps, 1)
-        out["distill-steps"] = steps
-        out["seconds"] = time.time() - t0
-        return out
+        return {"distill-loss": total / max(steps, 1), "distill-steps": steps}
 
     def pool_score(
         self, pool_images: np.ndarray, pool_masks: np.ndarray, s: TrainSettings

@@ -87,7 +87,16 @@ class DSFedMedStrategy(DeadlineFedAvg):
                 "sample_steps": cfg.gen_sample_steps,
             }
             key["sites"] = sorted(self.fed.site_of(n) for n in self.train_nodes)
-            key["data"] = {"data_root": cfg.data_root, "split_file": cfg.split_file}
+            # the generators train on the sites' training splits: a pool made from one split is never
+            # reused with another (that could leak another split's test images into the pool)
+            key["data"] = {
+                "data_root": cfg.data_root,
+                "split_file": cfg.split_file,
+                "split_seed": None if cfg.split_file else cfg.seed,
+                "fractions": [cfg.val_fraction, cfg.test_fraction],
+                "group_regex": cfg.split_group_regex,
+                "phantom_images_per_site": None if cfg.data_root else cfg.phantom_images_per_site,
+            }
         if cfg.pool_source == "folder":
             key["folder"] = str(Path(cfg.pool_folder).resolve())
         return key
