@@ -96,7 +96,16 @@ def flwr_run(
         "--run-config",
         overrides,
     ]
-    res = subprocess.run(cmd, env=link.env, capture_output=True, text=True, timeout=timeout_s)
+    try:
+        res = subprocess.run(cmd, env=link.env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        # killing the CLI leaves the run going in the SuperLink (it would skew later timings): stop it
+        out = _text(exc.stdout) + _text(exc.stderr)
+        m = re.search(r"Successfully started run (\d+)", out)
+        stopped = stop_running_runs(link) if m is None else [m.group(1)] * bool(stop_run(link, m.group(1)))
+        raise TimeoutError(
+            f"flwr run passed its {timeout_s:.0f} s timeout; stopped run(s) {stopped or 'none'}"
+        ) from None
     out = res.stdout + res.stderr
     m = re.search(r"Successfully started run (\d+)", out)
     if not m:
@@ -121,3 +130,32 @@ def run_status(link: SimulationLink, run_id: str, wait_s: float = 60) -> tuple[s
         if run["status"].startswith("finished") or time.monotonic() > deadline:
             return run["status"], run.get("status-details", "")
         time.sleep(1)
+
+
+def _text(b) -> str:
+    return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+
+
+def stop_run(link: SimulationLink, run_id: str) -> bool:
+    res = subprocess.run(
+        [str(BIN / "flwr"), "stop", run_id], env=link.env, capture_output=True, text=True, timeout=60
+    )
+    return res.returncode == 0
+
+
+def stop_running_runs(link: SimulationLink) -> list[str]:
+    """Stop every run of this SuperLink that has not finished (the bench runs one at a time)."""
+    res = subprocess.run(
+        [str(BIN / "flwr"), "list", "--format", "json"],
+        env=link.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    try:
+        runs = json.loads(res.stdout)["runs"]
+    except (ValueError, KeyError):
+        return []
+    return [
+        r["run-id"] for r in runs if not r["status"].startswith("finished") and stop_run(link, r["run-id"])
+    ]

@@ -231,6 +231,12 @@ class RunConfig(_Strict):
         2, ge=1, le=256, description="torch threads of the ServerApp (FM work runs while sites wait)"
     )
 
+    @field_validator("fm_prompt", mode="before")
+    @classmethod
+    def _old_prompt_name(cls, v: Any) -> Any:
+        # run directories written before 2026-12-03 call the oracle prompt "mask-box": same meaning
+        return "oracle-mask-box" if v == "mask-box" else v
+
     @field_validator("model")
     @classmethod
     def _known_model(cls, v: str) -> str:

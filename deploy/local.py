@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -293,10 +295,23 @@ class LocalTrial:
         self.procs["flwr-run"] = proc
         deadline = time.monotonic() + self.cfg.timeout_s
         assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            self.echo(line.rstrip("\n"))
+        # a reader thread, so that the deadline holds even when the run prints nothing (a hang)
+        pending: queue.Queue[str | None] = queue.Queue()
+        reader = threading.Thread(target=_pump, args=(proc.stdout, pending), daemon=True)
+        reader.start()
+        timed_out = False
+        while True:
+            try:
+                line = pending.get(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+            except queue.Empty:
+                line = ""
+            if line is None:  # the stream ended: flwr run exited
+                break
+            if line:
+                lines.append(line)
+                self.echo(line.rstrip("\n"))
             if time.monotonic() > deadline:
+                timed_out = True
                 stop_group(proc)
                 break
         proc.wait()
@@ -304,6 +319,11 @@ class LocalTrial:
         m = re.search(r"Successfully started run (\d+)", out)
         if not m:
             raise TrialError(f"flwr run did not start a run (exit {proc.returncode}):\n{out[-3000:]}")
+        if timed_out:  # the run itself goes on in the SuperLink unless it is stopped too
+            self.flwr("stop", m.group(1), CONNECTION)
+            self.echo(
+                f"run {m.group(1)} stopped: it passed the trial's timeout of {self.cfg.timeout_s:.0f} s"
+            )
         status, details = self.run_status(m.group(1))
         return TrialResult(m.group(1), status, details, run_dir, dict(self.node_ids), self.logs, out)
 
@@ -361,3 +381,10 @@ class LocalTrial:
             self.stop()
         finally:
             self._guard.__exit__(None, None, None)
+
+
+def _pump(stream, out: queue.Queue) -> None:
+    """Copy a process's output lines into ``out``; None marks the end of the stream."""
+    for line in stream:
+        out.put(line)
+    out.put(None)

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.result import Result
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
@@ -50,6 +50,7 @@ from common.validation import (
 from server_app.checkpoint import ResumeError
 from server_app.fedavg import DeadlineFedAvg
 from server_app.federation import FederationStopped
+from server_app.round_state import Replies, RoundState, Selection
 from server_app.selection import SelectionConfig, select
 from server_app.synthesis import Pool, contact_sheet, folder_pool, generator_pool, phantom_pool
 from server_app.targets import ensemble as ensemble_of
@@ -341,26 +342,68 @@ class DSFedMedStrategy(DeadlineFedAvg):
         log.warning("held-out site %s could not bootstrap: %s", site, reason)
         return {"status": "failed", "reason": reason}
 
-    # --- the run -------------------------------------------------------------------------------
+    # --- the run: setup, then a short loop over named stages ----------------------------------
     def start(  # type: ignore[override]
         self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int, timeout: float, **_: object
     ) -> Result:
-        cfg, fed = self.cfg, self.fed
+        cfg = self.cfg
         self.t_run = time.time()
         result = Result()
         t0, before = self.t_run, ({}, {})  # round 0 also books profile, generator and pool traffic
         self.profile_sites()
         st = self.resume.strategy if self.resume is not None else None
+        rs = self._setup(initial_arrays, st)
+        if st is None:
+            first = 1
+            self._round_zero(rs, t0, before)
+        else:
+            first, _ = self._resume()
+            rs.restore(st, self.fed, self.train_nodes)
+        sel_cfg = SelectionConfig(
+            rule=cfg.selection_rule,
+            lam=cfg.selection_lambda,
+            rho=cfg.selection_rho,
+            quantile=cfg.selection_quantile,
+            pos_weight=cfg.pos_weight,
+        )
+        completed = first - 1
+        for rnd in range(first, num_rounds + 1):
+            t0, before = time.time(), (dict(self.fed.traffic.down), dict(self.fed.traffic.up))
+            self.fed.progress.round(rnd, num_rounds)
+            sel = self._stage_select(rs, sel_cfg)  # a. score every pool sample, select S_r
+            ex = self.fed.send(self._stage_train_messages(rs, sel, rnd), timeout)  # b. sites train
+            replies = self._stage_accept(rs, ex, rnd)  # b. validated replies only
+            self._stage_aggregate(rs, replies, sel, rnd, result)  # c. ensemble (or FedAvg)
+            fm_loss = self._stage_teacher(rs, sel, rnd)  # c. sites -> FM
+            ev = self._evaluate_round(rs.arrays, rnd, num_rounds)  # d. validation
+            scores = self._scores(ev)
+            self._record_validation(result, rnd, scores)
+            extra = {
+                "selection": sel.stats,
+                "selected": [int(i) for i in sel.idx],
+                "fm_distill_loss": fm_loss,
+                "pool_sent_whole": True,
+            }
+            self._write_row(
+                self._metrics_row(rnd, scores, replies.losses, ev, ex, before, t0, extra),
+                state=rs.checkpoint(self.fed),
+            )
+            self._stage_round_files(rs, rnd)
+            completed = rnd
+            self._pause_if_due(rnd)
+        self._finish(rs, completed, num_rounds)
+        return result
+
+    def _setup(self, initial_arrays: ArrayRecord, st: dict | None) -> RoundState:
+        """The pool (built, reused or resumed), its quality score, the FM teacher on its cached
+        embeddings, and the exchange state."""
+        cfg = self.cfg
         pool = self.build_pool() if st is None else self._resumed_pool(st["pool_id"])
         # the pool travels at the size it was made at; the FM and server models see it at image-size,
         # resized exactly as the sites resize it
         pool_images, pool_masks = resize_pairs(pool.images, pool.masks, cfg.image_size)
         has_pool: set[int] = set()
-        if st is None:
-            pool_score = self.score_pool(pool, has_pool)
-        else:  # the sites that already hold the pool (by name: node ids may change across a restart)
-            pool_score = st["pool_score"]
-            has_pool = {n for n in self.train_nodes if fed.site_of(n) in set(st["has_pool"])}
+        pool_score = self.score_pool(pool, has_pool) if st is None else st["pool_score"]
         fm = load_foundation_model(
             cfg.fm, cfg.fm_checkpoint, self.device, expected_sha256=cfg.fm_checkpoint_sha256
         )
@@ -385,239 +428,215 @@ class DSFedMedStrategy(DeadlineFedAvg):
             },
         )
         weights_mode = cfg.exchange in ("weights", "hybrid")
-        arrays = initial_arrays if weights_mode else None
-        size, n_pool = cfg.logit_size, len(pool)
-        ensemble = torch.zeros(n_pool, 1, size, size)
-        known = np.zeros(n_pool, bool)
-        # each site's latest probabilities on the whole pool and its weight (training-set size): the
-        # other sites' part of a site's targets (server_app/targets.py)
-        site_probs: dict[str, torch.Tensor] = {}
-        site_counts: dict[str, float] = {}
-
-        def state() -> dict:  # everything a later round depends on (server_app/checkpoint.py)
-            return {
-                "pool_id": pool.pool_id,
-                "pool_score": pool_score,
-                "has_pool": sorted(fed.site_of(n) for n in has_pool),
-                "initial_test": initial_test,
-                "arrays": from_array_record(arrays) if arrays is not None else None,
-                "ensemble": ensemble.clone(),
-                "known": known.copy(),
-                "teacher": teacher.state(),
-                "site_probs": {s: p.clone() for s, p in site_probs.items()},
-                "site_counts": dict(site_counts),
-            }
-
-        if st is None:
-            first = 1
-            adapt_loss = float("nan")
-            if cfg.fm_adapt_epochs > 0:  # the prompt-free teacher learns the task on the pool first
-                adapt_loss = teacher.adapt(cfg.fm_adapt_epochs, self.weights, seed=cfg.seed)
-                log.info(
-                    "FM decoder adapted on the pool: %d epoch(s), loss %.4f", cfg.fm_adapt_epochs, adapt_loss
-                )
-            self.rundir.save_checkpoint(
-                "fm_decoder_adapted.pt", teacher.decoder_state(), {"round": 0, "fm": cfg.fm}
-            )
-            ev = self._evaluate(arrays, 0, "val", self.train_nodes)
-            initial_test = self._scores(self._evaluate(arrays, 0, "test", self.train_nodes))
-            self._log_row(
-                0,
-                self._scores(ev),
-                {},
-                ev,
-                None,
-                before,
-                t0,
-                {
-                    "pool_id": pool.pool_id,
-                    "pool_size": n_pool,
-                    "pool_score": pool_score,
-                    "fm_adapt_loss": adapt_loss,
-                },
-                state=state(),
-            )
-        else:
-            first, _ = self._resume()
-            initial_test = st["initial_test"]
-            teacher.load_state(st["teacher"])
-            ensemble, known = st["ensemble"].clone(), np.asarray(st["known"]).copy()
-            site_probs = {s: p.clone() for s, p in st.get("site_probs", {}).items()}
-            site_counts = dict(st.get("site_counts", {}))
-            if weights_mode:
-                arrays = ArrayRecord({k: Array(v) for k, v in st["arrays"].items()})
-
-        # every site trains on (and answers on) the whole pool every round, so the pool travels once
-        # and is cached at the sites; selection gates the distillation term only
-        send_once = True
-        sel_cfg = SelectionConfig(
-            rule=cfg.selection_rule,
-            lam=cfg.selection_lambda,
-            rho=cfg.selection_rho,
-            quantile=cfg.selection_quantile,
-            pos_weight=cfg.pos_weight,
+        return RoundState(
+            pool=pool,
+            pool_images=pool_images,
+            pool_masks=pool_masks,
+            pool_score=pool_score,
+            has_pool=has_pool,
+            fm=fm,
+            teacher=teacher,
+            weights_mode=weights_mode,
+            arrays=initial_arrays if weights_mode else None,
+            ensemble=torch.zeros(len(pool), 1, cfg.logit_size, cfg.logit_size),
+            known=np.zeros(len(pool), bool),
+            masks_small=teacher.masks_at(np.arange(len(pool)), cfg.logit_size),
         )
-        masks_small = teacher.masks_at(np.arange(n_pool), size)
-        completed = first - 1
-        for rnd in range(first, num_rounds + 1):
-            t0, before = time.time(), (dict(fed.traffic.down), dict(fed.traffic.up))
-            self.fed.progress.round(rnd, num_rounds)
-            fm_probs = teacher.probs(None, size)
-            ens_view = (
-                torch.where(torch.from_numpy(known)[:, None, None, None], ensemble, fm_probs)
-                if known.any()
-                else None
-            )
-            idx, sel_stats = select(fm_probs, masks_small, ens_view, sel_cfg)
-            gate = torch.zeros(n_pool)
-            gate[torch.from_numpy(idx)] = 1.0
-            nodes = fed.wait_for_nodes(cfg.min_sites, cfg.sampling_deadline_s, among=self.train_nodes)
-            msgs = []
-            for n in nodes:
-                # FM -> site: the FM mixed with the other sites' answers, on the selected samples
-                tgt = site_targets(fm_probs, site_probs, site_counts, fed.site_of(n), cfg.target_fm_weight)
-                soft = encode_probs(tgt[idx], size, cfg.logit_dtype)
-                conf = {
-                    P.CFG_ROUND: rnd,
-                    P.CFG_POOL_ID: pool.pool_id,
-                    P.CFG_SELECTED: [int(i) for i in idx],
-                    P.CFG_EXCHANGE: cfg.exchange,
-                    P.CFG_MODEL: cfg.model,
-                }
-                rec = RecordDict({P.KEY_SOFT: to_array_record({P.ARR_PROBS: soft})})
-                if send_once and n in has_pool:
-                    conf[P.CFG_POOL_INCLUDED] = "none"
-                elif send_once:
-                    conf[P.CFG_POOL_INCLUDED] = "all"
-                    rec[P.KEY_POOL] = to_array_record({P.ARR_IMAGES: pool.images, P.ARR_MASKS: pool.masks})
-                else:
-                    conf[P.CFG_POOL_INCLUDED] = "selected"
-                    rec[P.KEY_POOL] = to_array_record(
-                        {P.ARR_IMAGES: pool.images[idx], P.ARR_MASKS: pool.masks[idx]}
-                    )
-                rec[P.KEY_CONFIG] = ConfigRecord(conf)
-                if weights_mode:
-                    rec[P.KEY_ARRAYS] = arrays
-                msgs.append(fed.make(n, P.MSG_TRAIN, rec, rnd))
-            ex = fed.send(msgs, timeout)
-            valid, probs, counts, losses = [], {}, {}, {}
-            for site, rep in ex.replies.items():
-                node = rep.metadata.src_node_id
-                why = self.validate_metrics(rep) or self.validate_example_count(site, rep)
-                p = None
-                if not why and cfg.exchange in ("logits", "hybrid"):
-                    p, why = self._validate_probs(rep, n_pool)
-                if not why and weights_mode:
-                    why = self.validate_weights(rep, arrays)
-                if why:
-                    ex.errors[site] = f"rejected train reply: {why}"
-                    log.warning("site %s: %s", site, ex.errors[site])
-                    continue
-                if send_once:
-                    has_pool.add(node)
-                valid.append(rep)
-                counts[site] = float(rep.content.metric_records[P.KEY_METRICS][P.MET_NUM_EXAMPLES])
-                if p is not None:
-                    probs[site] = p
-                losses[site] = float(rep.content.metric_records[P.KEY_METRICS].get(P.MET_LOSS, np.nan))
-            for site, code in ex.error_codes.items():
-                if code == P.ERR_NO_POOL:  # the site lost its copy: send the pool again next round
-                    has_pool.difference_update(n for n, s in fed.sites.items() if s == site)
-            if len(valid) < cfg.min_sites:
-                raise FederationStopped(
-                    f"round {rnd}: {len(valid)} usable train repl(ies), min-sites is {cfg.min_sites}; "
-                    f"errors: {ex.errors or 'none'}; no answer: {ex.timeouts or 'none'}"
-                )
-            if weights_mode:  # FedAvg over the weights alone (hybrid replies also carry probabilities)
-                arrays = aggregate_arrayrecords(
-                    [
-                        RecordDict(
-                            {
-                                P.KEY_ARRAYS: r.content.array_records[P.KEY_ARRAYS],
-                                P.KEY_METRICS: r.content.metric_records[P.KEY_METRICS],
-                            }
-                        )
-                        for r in valid
-                    ],
-                    P.MET_NUM_EXAMPLES,
-                )
-                result.arrays = arrays
-            if probs:  # logits / hybrid: every site answered on the whole pool
-                site_probs.update(probs)
-                site_counts.update({s: counts[s] for s in probs})
-                ens = ensemble_of(probs, counts)  # this round's answers, weighted by training-set size
-            else:  # weights: the averaged model plays the ensemble
-                server_model = self._server_model(arrays)
-                ens = self._model_probs(server_model, pool_images)
-            ensemble[:] = ens
-            known[:] = True
-            # sites -> FM: supervised on every pool mask, KL towards the ensemble on the selected
-            fm_loss = teacher.distill(
-                np.arange(n_pool), ensemble, self.weights, cfg.fm_epochs, seed=rnd, kd_gate=gate
-            )
-            if cfg.exchange == "weights":
-                arrays = self._distill_server_model(
-                    server_model, pool_images[idx], pool_masks[idx], fm_probs[idx], rnd
-                )
-                result.arrays = arrays
-            ev = self._evaluate_round(arrays, rnd, num_rounds)
-            scores = self._scores(ev)
-            self._record_validation(result, rnd, scores)
-            self._log_row(
-                rnd,
-                scores,
-                losses,
-                ev,
-                ex,
-                before,
-                t0,
-                {
-                    "selection": sel_stats,
-                    "selected": [int(i) for i in idx],
-                    "fm_distill_loss": fm_loss,
-                    "pool_sent_whole": send_once,
-                },
-                state=state(),
-            )
-            self.rundir.save_checkpoint(
-                "fm_decoder_latest.pt", teacher.decoder_state(), {"round": rnd, "fm": cfg.fm}
-            )
-            if weights_mode:
-                self.rundir.save_checkpoint(
-                    f"global_round_{rnd:03d}.pt",
-                    from_array_record(arrays),
-                    {"round": rnd, "model": cfg.model},
-                )
-            completed = rnd
 
+    def _round_zero(self, rs: RoundState, t0: float, before: tuple) -> None:
+        """Before round 1: the teacher adapts on the pool, then the untrained site models are
+        validated and tested (the baseline of the summary)."""
+        cfg = self.cfg
+        adapt_loss = float("nan")
+        if cfg.fm_adapt_epochs > 0:  # the prompt-free teacher learns the task on the pool first
+            adapt_loss = rs.teacher.adapt(cfg.fm_adapt_epochs, self.weights, seed=cfg.seed)
+            log.info(
+                "FM decoder adapted on the pool: %d epoch(s), loss %.4f", cfg.fm_adapt_epochs, adapt_loss
+            )
+        self.rundir.save_checkpoint(
+            "fm_decoder_adapted.pt", rs.teacher.decoder_state(), {"round": 0, "fm": cfg.fm}
+        )
+        ev = self._evaluate(rs.arrays, 0, "val", self.train_nodes)
+        rs.initial_test = self._scores(self._evaluate(rs.arrays, 0, "test", self.train_nodes))
+        extra = {
+            "pool_id": rs.pool.pool_id,
+            "pool_size": len(rs.pool),
+            "pool_score": rs.pool_score,
+            "fm_adapt_loss": adapt_loss,
+        }
+        self._write_row(
+            self._metrics_row(0, self._scores(ev), {}, ev, None, before, t0, extra),
+            state=rs.checkpoint(self.fed),
+        )
+        self._plot()
+
+    def _stage_select(self, rs: RoundState, sel_cfg: SelectionConfig) -> Selection:
+        """a. The FM's probabilities (T = 1) on every pool sample; learnability-guided selection of
+        the samples distillation applies to, with the sites' last ensemble."""
+        fm_probs = rs.teacher.probs(None, self.cfg.logit_size)
+        ens_view = None
+        if rs.known.any():
+            ens_view = torch.where(torch.from_numpy(rs.known)[:, None, None, None], rs.ensemble, fm_probs)
+        idx, stats = select(fm_probs, rs.masks_small, ens_view, sel_cfg)
+        gate = torch.zeros(len(rs.pool))
+        gate[torch.from_numpy(idx)] = 1.0
+        return Selection(idx=idx, gate=gate, stats=stats, fm_probs=fm_probs)
+
+    def _stage_train_messages(self, rs: RoundState, sel: Selection, rnd: int) -> list:
+        """b. One train message per available site: the whole pool the first time (then by id),
+        its own targets on S_r (FM mixed with the *other* sites' answers), and in weights/hybrid
+        exchange the global site model."""
+        cfg, fed = self.cfg, self.fed
+        nodes = fed.wait_for_nodes(cfg.min_sites, cfg.sampling_deadline_s, among=self.train_nodes)
+        msgs = []
+        for n in nodes:
+            tgt = site_targets(
+                sel.fm_probs, rs.site_probs, rs.site_counts, fed.site_of(n), cfg.target_fm_weight
+            )
+            conf = {
+                P.CFG_ROUND: rnd,
+                P.CFG_POOL_ID: rs.pool.pool_id,
+                P.CFG_SELECTED: [int(i) for i in sel.idx],
+                P.CFG_EXCHANGE: cfg.exchange,
+                P.CFG_MODEL: cfg.model,
+                P.CFG_POOL_INCLUDED: "none" if n in rs.has_pool else "all",
+            }
+            rec = RecordDict(
+                {
+                    P.KEY_SOFT: to_array_record(
+                        {P.ARR_PROBS: encode_probs(tgt[sel.idx], cfg.logit_size, cfg.logit_dtype)}
+                    )
+                }
+            )
+            if n not in rs.has_pool:
+                rec[P.KEY_POOL] = to_array_record({P.ARR_IMAGES: rs.pool.images, P.ARR_MASKS: rs.pool.masks})
+            rec[P.KEY_CONFIG] = ConfigRecord(conf)
+            if rs.weights_mode:
+                rec[P.KEY_ARRAYS] = rs.arrays
+            msgs.append(fed.make(n, P.MSG_TRAIN, rec, rnd))
+        return msgs
+
+    def _stage_accept(self, rs: RoundState, ex, rnd: int) -> Replies:
+        """b. The replies that pass validation (metrics, example count, probabilities on the whole
+        pool, weights); the others are booked as errors. A site that lost its pool copy (error code
+        ERR_NO_POOL) is sent the pool again next round. Too few usable replies stop the run."""
+        cfg = self.cfg
+        out = Replies()
+        for site, rep in ex.replies.items():
+            why = self.validate_metrics(rep) or self.validate_example_count(site, rep)
+            p = None
+            if not why and cfg.exchange in ("logits", "hybrid"):
+                p, why = self._validate_probs(rep, len(rs.pool))
+            if not why and rs.weights_mode:
+                why = self.validate_weights(rep, rs.arrays)
+            if why:
+                ex.errors[site] = f"rejected train reply: {why}"
+                log.warning("site %s: %s", site, ex.errors[site])
+                continue
+            rs.has_pool.add(rep.metadata.src_node_id)
+            out.valid.append(rep)
+            m = rep.content.metric_records[P.KEY_METRICS]
+            out.counts[site] = float(m[P.MET_NUM_EXAMPLES])
+            out.losses[site] = float(m.get(P.MET_LOSS, np.nan))
+            if p is not None:
+                out.probs[site] = p
+        for site, code in ex.error_codes.items():
+            if code == P.ERR_NO_POOL:  # the site lost its copy: send the pool again next round
+                rs.has_pool.difference_update(n for n, s in self.fed.sites.items() if s == site)
+        if len(out.valid) < cfg.min_sites:
+            raise FederationStopped(
+                f"round {rnd}: {len(out.valid)} usable train repl(ies), min-sites is {cfg.min_sites}; "
+                f"errors: {ex.errors or 'none'}; no answer: {ex.timeouts or 'none'}"
+            )
+        return out
+
+    def _stage_aggregate(
+        self, rs: RoundState, replies: Replies, sel: Selection, rnd: int, result: Result
+    ) -> None:
+        """c. The sites' ensemble on the whole pool (weighted by training-set size), kept per site
+        for next round's targets; in weights/hybrid exchange FedAvg of the weights, and in weights
+        exchange the averaged model plays the ensemble and is distilled towards the FM on S_r."""
+        if rs.weights_mode:  # FedAvg over the weights alone (hybrid replies also carry probabilities)
+            rs.arrays = aggregate_arrayrecords(
+                [
+                    RecordDict(
+                        {
+                            P.KEY_ARRAYS: r.content.array_records[P.KEY_ARRAYS],
+                            P.KEY_METRICS: r.content.metric_records[P.KEY_METRICS],
+                        }
+                    )
+                    for r in replies.valid
+                ],
+                P.MET_NUM_EXAMPLES,
+            )
+            result.arrays = rs.arrays
+        if replies.probs:  # logits / hybrid: every site answered on the whole pool
+            rs.site_probs.update(replies.probs)
+            rs.site_counts.update({s: replies.counts[s] for s in replies.probs})
+            ens = ensemble_of(replies.probs, replies.counts)
+        else:  # weights: the averaged model plays the ensemble
+            server_model = self._server_model(rs.arrays)
+            ens = self._model_probs(server_model, rs.pool_images)
+            if self.cfg.exchange == "weights":
+                idx = sel.idx
+                rs.arrays = self._distill_server_model(
+                    server_model, rs.pool_images[idx], rs.pool_masks[idx], sel.fm_probs[idx], rnd
+                )
+                result.arrays = rs.arrays
+        rs.ensemble[:] = ens
+        rs.known[:] = True
+
+    def _stage_teacher(self, rs: RoundState, sel: Selection, rnd: int) -> float:
+        """c. Sites -> FM: the decoder trains on every pool mask, with KL towards the ensemble on S_r."""
+        return rs.teacher.distill(
+            np.arange(len(rs.pool)), rs.ensemble, self.weights, self.cfg.fm_epochs, seed=rnd, kd_gate=sel.gate
+        )
+
+    def _stage_round_files(self, rs: RoundState, rnd: int) -> None:
+        self.rundir.save_checkpoint(
+            "fm_decoder_latest.pt", rs.teacher.decoder_state(), {"round": rnd, "fm": self.cfg.fm}
+        )
+        if rs.weights_mode:
+            self.rundir.save_checkpoint(
+                f"global_round_{rnd:03d}.pt",
+                from_array_record(rs.arrays),
+                {"round": rnd, "model": self.cfg.model},
+            )
+        self._plot()
+
+    def _finish(self, rs: RoundState, completed: int, num_rounds: int) -> None:
+        """After the last round: the newcomer bootstraps (logits), the final test, checkpoints, summary."""
+        cfg = self.cfg
         bootstrap = None
-        if self.holdout_node is not None and not weights_mode:
-            bootstrap = self._bootstrap_holdout(pool, teacher, has_pool, num_rounds, site_probs, site_counts)
-        final, holdout = self._final_evaluation(arrays, num_rounds)
+        if self.holdout_node is not None and not rs.weights_mode:
+            bootstrap = self._bootstrap_holdout(
+                rs.pool, rs.teacher, rs.has_pool, num_rounds, rs.site_probs, rs.site_counts
+            )
+        final, holdout = self._final_evaluation(rs.arrays, num_rounds)
         if holdout is not None and bootstrap is not None:
             holdout["bootstrap"] = bootstrap
         self.rundir.save_checkpoint(
-            "fm_decoder_final.pt", teacher.decoder_state(), {"round": completed, "fm": cfg.fm}
+            "fm_decoder_final.pt", rs.teacher.decoder_state(), {"round": completed, "fm": cfg.fm}
         )
-        if weights_mode:
-            self.rundir.save_checkpoint("global_final.pt", from_array_record(arrays), {"round": completed})
+        if rs.weights_mode:
+            self.rundir.save_checkpoint("global_final.pt", from_array_record(rs.arrays), {"round": completed})
+        pool = rs.pool
         self.summary_data = {
-            **self._summary(completed, final, initial_test, holdout, self.t_run),
+            **self._summary(completed, final, rs.initial_test, holdout, self.t_run),
             "exchange": cfg.exchange,
             "site_models": {s: p.get("model") for s, p in self.profiles.items()},
             "site_model_params": {s: p.get("model-params") for s, p in self.profiles.items()},
             "fm": cfg.fm,
-            "fm_params": fm.num_parameters(),
-            "fm_embed_seconds": teacher.embed_seconds,
+            "fm_params": rs.fm.num_parameters(),
+            "fm_embed_seconds": rs.teacher.embed_seconds,
             "pool": {
                 "id": pool.pool_id,
-                "size": n_pool,
+                "size": len(pool),
                 "source": pool.meta.get("source"),
                 "generators": pool.meta.get("generators"),
                 # sites whose generator was refused (e.g. by their policy) or rejected, and why
                 "generator_errors": pool.meta.get("generator_errors", {}),
                 "fallback": pool.meta.get("fallback"),
-                "score": pool_score,
+                "score": rs.pool_score,
             },
         }
-        return result

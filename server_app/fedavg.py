@@ -267,10 +267,9 @@ class DeadlineFedAvg(FedAvg):
             first, t0, before = 1, self.t_run, ({}, {})  # round 0 also books the profile exchange
             ev = self._evaluate(arrays, 0, "val", self.train_nodes)
             initial_test = self._scores(self._evaluate(arrays, 0, "test", self.train_nodes))
-            self._log_row(
-                0, self._scores(ev), {}, ev, None, before, t0,
-                state=self._state(arrays, initial_test),
-            )  # fmt: skip
+            row = self._metrics_row(0, self._scores(ev), {}, ev, None, before, t0)
+            self._write_row(row, state=self._state(arrays, initial_test))
+            self._plot()
 
         completed = first - 1
         for rnd in range(first, num_rounds + 1):
@@ -301,13 +300,16 @@ class DeadlineFedAvg(FedAvg):
             ev = self._evaluate_round(arrays, rnd, num_rounds)
             scores = self._scores(ev)
             self._record_validation(result, rnd, scores)
-            self._log_row(rnd, scores, losses, ev, ex, before, t0, state=self._state(arrays, initial_test))
+            row = self._metrics_row(rnd, scores, losses, ev, ex, before, t0)
+            self._write_row(row, state=self._state(arrays, initial_test))
             self.rundir.save_checkpoint(
                 f"global_round_{rnd:03d}.pt",
                 from_array_record(arrays),
                 {"round": rnd, "model": cfg.model, "method": cfg.method},
             )
+            self._plot()
             completed = rnd
+            self._pause_if_due(rnd)
 
         final, holdout = self._final_evaluation(arrays, num_rounds)
         self.rundir.save_checkpoint(
@@ -394,9 +396,9 @@ class DeadlineFedAvg(FedAvg):
                 {"dice-mean": self._mean(scores, "dice") or 0.0}
             )
 
-    def _log_row(self, rnd, scores, losses, ev, train_ex, before, t0, extra=None, state=None) -> None:
-        """Append round ``rnd``'s metrics row; with ``state`` (the strategy's state after the round)
-        the server checkpoint is written first, so a row on disk always has its checkpoint."""
+    def _metrics_row(self, rnd, scores, losses, ev, train_ex, before, t0, extra=None) -> dict:
+        """Round ``rnd``'s metrics row: scores, losses, traffic (per site and by kind) since
+        ``before``, optimiser steps, errors and the sites that took no part."""
         fed = self.fed
         per_site = {}
         for site in set(fed.traffic.down) | set(fed.traffic.up):
@@ -421,7 +423,7 @@ class DeadlineFedAvg(FedAvg):
             if v - self._kinds_logged.get(k, 0)
         }
         self._kinds_logged = dict(fed.traffic.by_kind)
-        row = {
+        return {
             "round": rnd,
             "sites": sites,
             "dice_mean": self._mean(scores, "dice"),
@@ -439,22 +441,28 @@ class DeadlineFedAvg(FedAvg):
             "absent": absent,
             **(extra or {}),
         }
+
+    def _write_row(self, row: dict, state: dict | None = None) -> None:
+        """Record a metrics row: with ``state`` (the strategy's state after the round) the server
+        checkpoint is written first, so a row on disk always has its checkpoint; then the row
+        (metrics.jsonl and TensorBoard) and the log line."""
         self.history.append(json_safe(row))
         if state is not None:
-            self._checkpoint(rnd, state)
+            self._checkpoint(row["round"], state)
         self.rundir.append_metrics(row)
-        pause = state is not None and 0 < self.cfg.pause_after_round == rnd and rnd < self.cfg.num_rounds
         dm = row["dice_mean"]
         log.info(
             "round %d: dice_mean=%s, %d site(s), down %.1f kB, up %.1f kB, %.1f s%s",
-            rnd,
+            row["round"],
             f"{dm:.3f}" if dm is not None else "n/a",
-            len(sites),
+            len(row["sites"]),
             row["bytes_down"] / 1e3,
             row["bytes_up"] / 1e3,
             row["seconds"],
-            f", errors: {errors}" if errors else "",
+            f", errors: {row['errors']}" if row["errors"] else "",
         )
+
+    def _plot(self) -> None:
         try:
             plot_dice(
                 self.rundir.read_metrics(),
@@ -463,5 +471,9 @@ class DeadlineFedAvg(FedAvg):
             )
         except Exception as exc:  # noqa: BLE001 - a plot must never stop a federation
             log.warning("could not draw dice.png: %s", exc)
-        if pause:
+
+    def _pause_if_due(self, rnd: int) -> None:
+        """After round ``rnd``'s files are all written (row, checkpoints, plot): stop cleanly when the
+        run config asks for a pause there."""
+        if 0 < self.cfg.pause_after_round == rnd and rnd < self.cfg.num_rounds:
             raise RunPaused(rnd)

@@ -67,3 +67,11 @@ def test_config_is_frozen():
     cfg = RunConfig()
     with pytest.raises(ValidationError):
         cfg.num_rounds = 9  # type: ignore[misc]
+
+
+def test_the_teacher_is_prompt_free_by_default_and_the_oracle_is_named_so():
+    assert parse_run_config({}).fm_prompt == "whole-box"
+    assert parse_run_config({"fm-prompt": "oracle-mask-box"}).fm_prompt == "oracle-mask-box"
+    assert parse_run_config({"fm-prompt": "mask-box"}).fm_prompt == "oracle-mask-box"  # older run dirs
+    with open(REPO / "pyproject.toml", "rb") as fh:
+        assert tomllib.load(fh)["tool"]["flwr"]["app"]["config"]["fm-prompt"] == "whole-box"

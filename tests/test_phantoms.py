@@ -20,7 +20,8 @@ def test_phantom_sites_have_visible_domain_shift():
     assert max(fg) / min(fg) > 1.5  # object size differs between sites
     for s in sites:
         assert set(np.unique(s.masks)) == {0, 1}
-        assert s.masks.reshape(24, -1).sum(1).min() >= 0
+        # most phantom frames show an object (some are empty, as real polyp-free frames are)
+        assert (s.masks.reshape(24, -1).sum(1) > 0).mean() >= 0.5
 
 
 def test_phantom_beyond_hand_picked_domains():

@@ -53,7 +53,7 @@ def test_every_reply_is_audited_with_its_arrays_and_the_request_config(task_iden
     assert set(arrays) == {(P.KEY_SITE_PROBS, P.ARR_PROBS)}  # the probabilities, nothing else
     probs = rep.content.array_records[P.KEY_SITE_PROBS][P.ARR_PROBS].numpy()
     a = arrays[(P.KEY_SITE_PROBS, P.ARR_PROBS)]
-    assert a["shape"] == [3, 1, 16, 16] and a["dtype"] == "uint8"
+    assert a["shape"] == [6, 1, 16, 16] and a["dtype"] == "uint8"  # an answer on the whole pool
     import hashlib
 
     assert a["sha256"] == hashlib.sha256(probs.tobytes()).hexdigest()
@@ -123,12 +123,13 @@ def test_dp_noises_uploads_and_accounts_epsilon_until_the_cap(task_identity, sit
     reps = [app(_train_msg([0, 1, 2], included="all" if i == 0 else "none"), ctx) for i in range(3)]
     for rep in reps[:2]:
         assert not rep.has_error(), rep.error.reason if rep.has_error() else ""
-        decode_probs(rep.content.array_records[P.KEY_SITE_PROBS][P.ARR_PROBS].numpy(), 3, 16)
+        # the answer covers the whole pool (6 samples): that is what DP noises and accounts for
+        decode_probs(rep.content.array_records[P.KEY_SITE_PROBS][P.ARR_PROBS].numpy(), 6, 16)
     assert reps[2].has_error() and reps[2].error.code == ERR_POLICY
     assert "policy dp.max-epsilon:" in reps[2].error.reason
     ledger = json.loads(next((tmp_path / "state").rglob("privacy.json")).read_text())
     assert len(ledger["releases"]) == 2 and ledger["epsilon"] == pytest.approx(eps[1])
-    assert ledger["releases"][0]["sensitivity"] == pytest.approx(2 * 2.0 * np.sqrt(3))
+    assert ledger["releases"][0]["sensitivity"] == pytest.approx(2 * 2.0 * np.sqrt(6))
 
 
 def test_privatize_probs_clips_and_noises():
