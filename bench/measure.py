@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from deploy.processes import descendants
+
 
 def inference_ms(model: torch.nn.Module, image_size: int, repeats: int, warmup: int = 2) -> float:
     """Median milliseconds of one forward pass on one (1,3,S,S) image: batch 1, CPU, no gradient,
@@ -34,30 +36,14 @@ def _rss_kb(entry: Path) -> int:
 
 
 def tree_rss_kb(root: int) -> int:
-    """Summed resident memory of ``root`` and all its descendants, found through the parent ids in
-    /proc. (A process group is not enough: Flower's SuperExec starts its own session, and the
-    simulation, Ray and the ClientApp actors live under it.)"""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])  # field 4 of /proc/PID/stat
-        except (OSError, ValueError, IndexError):
-            continue  # the process ended while we looked
-        children.setdefault(ppid, []).append(int(entry.name))
-    total, todo, seen = 0, [root], set()
-    while todo:
-        pid = todo.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
+    """Summed resident memory of ``root`` and all its descendants (:func:`deploy.processes.descendants`:
+    a process group is not enough, Flower's SuperExec starts its own session)."""
+    total = 0
+    for pid in [root, *descendants(root)]:
         try:
             total += _rss_kb(Path(f"/proc/{pid}"))
         except (OSError, ValueError):
-            continue
-        todo.extend(children.get(pid, []))
+            continue  # the process ended while we looked
     return total
 
 

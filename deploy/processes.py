@@ -60,8 +60,33 @@ def wait_healthy(
         time.sleep(0.3)
 
 
+def descendants(root: int) -> list[int]:
+    """Every process below ``root``, found through the parent ids in /proc (a process group is not
+    enough: Flower's SuperExec starts its own session, and the simulation, Ray and the ClientApps
+    live under it)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])  # field 4 of /proc/PID/stat
+        except (OSError, ValueError, IndexError):
+            continue  # the process ended while we looked
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        if pid not in out:
+            out.append(pid)
+            todo.extend(children.get(pid, []))
+    return out
+
+
 def stop_group(proc: subprocess.Popen, grace_s: float = 15) -> None:
-    """Stop a process and everything it started (its own session) by its PID."""
+    """Stop a process and everything it started, by PID: its own process group and every process
+    below it in the process tree (found before anything is stopped, since orphans lose their parent)."""
+    tree = descendants(proc.pid) if proc.poll() is None else []
     if proc.poll() is None:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -75,8 +100,36 @@ def stop_group(proc: subprocess.Popen, grace_s: float = 15) -> None:
         os.killpg(proc.pid, signal.SIGKILL)  # stragglers in the group (superexec, app processes)
     except ProcessLookupError:
         pass
+    _stop_pids(tree, grace_s)  # what lives in other sessions (the simulation, Ray, its workers)
     if proc.poll() is None:
         proc.wait(5)
+
+
+def _stop_pids(pids: list[int], grace_s: float) -> None:
+    alive = []
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+            alive.append(pid)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace_s
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if _running(p)]
+        time.sleep(0.2)
+    for pid in alive:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return state[state.rindex(")") + 2] != "Z"  # a zombie has ended
 
 
 def flwr_base_env(flwr_home: Path) -> dict[str, str]:
