@@ -295,25 +295,9 @@ class LocalTrial:
         self.procs["flwr-run"] = proc
         deadline = time.monotonic() + self.cfg.timeout_s
         assert proc.stdout is not None
-        # a reader thread, so that the deadline holds even when the run prints nothing (a hang)
-        pending: queue.Queue[str | None] = queue.Queue()
-        reader = threading.Thread(target=_pump, args=(proc.stdout, pending), daemon=True)
-        reader.start()
-        timed_out = False
-        while True:
-            try:
-                line = pending.get(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
-            except queue.Empty:
-                line = ""
-            if line is None:  # the stream ended: flwr run exited
-                break
-            if line:
-                lines.append(line)
-                self.echo(line.rstrip("\n"))
-            if time.monotonic() > deadline:
-                timed_out = True
-                stop_group(proc)
-                break
+        timed_out = stream_until(
+            proc, deadline, lambda line: (lines.append(line), self.echo(line.rstrip("\n")))
+        )
         proc.wait()
         out = "".join(lines)
         m = re.search(r"Successfully started run (\d+)", out)
@@ -381,6 +365,27 @@ class LocalTrial:
             self.stop()
         finally:
             self._guard.__exit__(None, None, None)
+
+
+def stream_until(proc: subprocess.Popen, deadline: float, on_line: Callable[[str], object]) -> bool:
+    """Pass ``proc``'s output lines to ``on_line`` until it exits or ``deadline`` (monotonic) passes;
+    at the deadline the process and its tree are stopped. A reader thread keeps the deadline even when
+    the process prints nothing (a hang). Returns whether it timed out."""
+    assert proc.stdout is not None
+    pending: queue.Queue[str | None] = queue.Queue()
+    threading.Thread(target=_pump, args=(proc.stdout, pending), daemon=True).start()
+    while True:
+        try:
+            line = pending.get(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+        except queue.Empty:
+            line = ""
+        if line is None:  # the stream ended: the process exited
+            return False
+        if line:
+            on_line(line)
+        if time.monotonic() > deadline:
+            stop_group(proc)
+            return True
 
 
 def _pump(stream, out: queue.Queue) -> None:
