@@ -215,6 +215,9 @@ def aggregate(
             "peak_rss_mb": "federated: summed RSS of the SuperLink process tree (server + all simulated "
             "sites on this one machine), max over seeds; in-process: the bench process",
             "gain": "a difference counts as a gain only if larger than the larger std of the two methods",
+            "seconds": "wall time of each unit on this machine (2 CPU cores); units of this profile ran "
+            "beside other units and test runs on the same cores, so a unit's seconds include that "
+            "contention and are an upper bound, not a speed comparison",
         },
         "inference": timing,
         "floors": floor_rows,
