@@ -223,7 +223,7 @@ def query_profile(msg: Message, context: Context) -> Message:
             "n-val": len(tr.split["val"]),
             "n-test": len(tr.split["test"]),
             "n-skipped": len(site.report.problems),
-            "data-report": site.report.summary(),
+            "data-report": site.report.counts(),  # counts only: no folder or file name leaves
             "channels": int(site.source_channels),
             "num-classes": 1,
             "image-size": int(site.images.shape[-1]),

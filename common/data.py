@@ -42,6 +42,21 @@ class Problem:
     reason: str
 
 
+# the kinds of data problem a site reports by count (reasons start with one of these; what follows may
+# name files, so only the kind leaves the site)
+PROBLEM_KINDS = {
+    "missing mask": "missing mask",
+    "mask without image": "mask without image",
+    "unreadable or truncated image": "unreadable or truncated image",
+    "unreadable or truncated mask": "unreadable or truncated mask",
+    "mask/image size mismatch": "mask/image size mismatch",
+    "unexpected mask values": "unexpected mask values",
+    "mask has": "mask channels that differ",
+    "unsupported mask mode": "unsupported mask mode",
+    "duplicate stem": "duplicate stem",
+}
+
+
 @dataclass
 class DataReport:
     folder: str
@@ -67,6 +82,18 @@ class DataReport:
         return f"{self.folder}: {len(self.problems)} problem(s), {self.n_loaded} pairs loaded; " + "; ".join(
             parts
         )
+
+    def counts(self) -> str:
+        """The summary that may leave the site: counts by kind of problem, no folder, no file name
+        (those stay in the site's own log, preflight and report)."""
+        if not self.problems:
+            return f"{self.n_loaded} pairs loaded, no problems"
+        by_reason: dict[str, int] = {}
+        for p in self.problems:
+            kind = next((v for k, v in PROBLEM_KINDS.items() if p.reason.startswith(k)), "other problem")
+            by_reason[kind] = by_reason.get(kind, 0) + 1
+        kinds = "; ".join(f"{n} x {kind}" for kind, n in sorted(by_reason.items()))
+        return f"{len(self.problems)} problem(s), {self.n_loaded} pairs loaded; {kinds}"
 
     def to_json(self) -> dict:
         return {

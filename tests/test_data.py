@@ -137,3 +137,21 @@ def test_site_copy_is_independent_of_folder_name(tmp_path, phantom_folder):
     other = tmp_path / "copy"
     shutil.copytree(phantom_folder, other)
     assert load_site_folder(other, 16, name="X").name == "X"
+
+
+def test_the_summary_that_leaves_the_site_names_no_file_or_folder(bad_folder):
+    """The profile reply carries this: counts by kind of problem, never a path or a file name."""
+    site = load_site_folder(bad_folder, 16)
+    counts = site.report.counts()
+    assert "6 problem(s)" in counts and "1 x missing mask" in counts
+    for name in (
+        "nomask.png",
+        "garbage.png",
+        "trunc.png",
+        "size.png",
+        "values.png",
+        "colour.png",
+        "bad",
+        "/",
+    ):
+        assert name not in counts, name
