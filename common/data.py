@@ -49,7 +49,7 @@ PROBLEM_KINDS = {
     "mask without image": "mask without image",
     "unreadable or truncated image": "unreadable or truncated image",
     "unreadable or truncated mask": "unreadable or truncated mask",
-    "mask/image size mismatch": "mask/image size mismatch",
+    "mask/image size mismatch": "mask and image sizes differ",
     "unexpected mask values": "unexpected mask values",
     "mask has": "mask channels that differ",
     "unsupported mask mode": "unsupported mask mode",
