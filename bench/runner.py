@@ -29,10 +29,28 @@ from server_app.rundir import json_safe
 _PATH_KEYS = ("run-dir", "runs-root", "pool-dir", "split-file", "data-root")
 
 
+# run-config keys only DSFedMed reads (its pool, generators, teacher, selection and distillation):
+# not part of a baseline unit's identity, so DSFedMed's recipe can change without re-running them
+_DSFEDMED_KEYS = (
+    "gen-", "pool-", "selection-", "fm-adapt-epochs", "fm-epochs", "fm-prompt", "target-fm-weight",
+    "kd-weight", "sup-weight", "temperature", "pos-weight", "logit-", "holdout-epochs", "exchange",
+)  # fmt: skip
+_FM_KEYS = ("fm-",)
+
+
+def _reads(method: str, key: str) -> bool:
+    if method == "dsfedmed":
+        return True
+    if key.startswith(_DSFEDMED_KEYS):
+        return False
+    return method == "fedfm" or not key.startswith(_FM_KEYS)
+
+
 def _config_hash(cfg: dict) -> str:
-    """What identifies a unit's configuration: the run config without its paths, with the split
-    file's content (the split itself) and the data folder's name in their place."""
-    keep = {k: v for k, v in cfg.items() if k not in _PATH_KEYS}
+    """What identifies a unit's configuration: the run config keys its method reads, without their
+    paths, with the split file's content (the split itself) and the data folder's name in their place."""
+    method = str(cfg.get("method", "local"))
+    keep = {k: v for k, v in cfg.items() if k not in _PATH_KEYS and _reads(method, k)}
     if cfg.get("split-file"):
         keep["split"] = hashlib.sha256(Path(cfg["split-file"]).read_bytes()).hexdigest()
     if cfg.get("data-root"):
@@ -289,6 +307,20 @@ class BenchRunner:
                 self._run_inprocess(v, s, base)
         return self.current_records()
 
+    def floors_key(self, base: dict, with_fm: bool) -> str:
+        """What the floors depend on: the data (by name), its split (by content), the model, the FM and
+        the seeds (not the rounds, nor where the files are)."""
+        split = Path(base["split-file"]).read_text() if base.get("split-file") else ""
+        keep = ("image-size", "model", "holdout-site", "fm", "fm-checkpoint", "phantom-images-per-site")
+        ident = {
+            **{k: base.get(k) for k in keep},
+            "data": Path(base["data-root"]).name if base.get("data-root") else "",
+            "split": hashlib.sha256(split.encode()).hexdigest(),
+            "seeds": list(self.profile.seeds),
+            "with-fm": with_fm,
+        }
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
     def run_floors(self, with_fm: bool = True) -> dict:
         """The floors unit (untrained at every seed, all-foreground, all-background, the FM
         zero-shot and the FM's box-from-mask oracle), computed once per split and config."""
@@ -296,25 +328,7 @@ class BenchRunner:
 
         self.work.mkdir(parents=True, exist_ok=True)
         base = self.base_config()
-        # what the floors depend on: the data, its split, the model and the FM (not the rounds)
-        split = Path(base["split-file"]).read_text() if base.get("split-file") else ""
-        keep = (
-            "data-root",
-            "image-size",
-            "model",
-            "holdout-site",
-            "fm",
-            "fm-checkpoint",
-            "phantom-images-per-site",
-        )
-        key = _config_hash(
-            {
-                **{k: base.get(k) for k in keep},
-                "split": split,
-                "seeds": list(self.profile.seeds),
-                "with-fm": with_fm,
-            }
-        )
+        key = self.floors_key(base, with_fm)
         have = self.load_floors()
         if have is not None and have.get("config_hash") == key:
             return have

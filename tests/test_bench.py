@@ -199,3 +199,25 @@ def test_readme_block_is_generated_from_the_results(tmp_path):
     assert "| `local` (**at the floor**) |" in text and "| fedavg | not run |" in text
     assert "| *all-foreground* | - | 0.130 (0.120) |" in text
     assert not update_readme(tmp_path / "README.md", {**res, "profile": "other"})
+
+
+def test_a_units_identity_is_what_its_method_reads(tmp_path):
+    from bench.runner import _config_hash
+
+    split_a, split_b = tmp_path / "a.json", tmp_path / "b.json"
+    split_a.write_text('{"C1": {"train": ["x"]}}')
+    split_b.write_text('{"C1": {"train": ["x"]}}')
+    base = {"image-size": 128, "gen-seconds": 600.0, "fm-learning-rate": 3e-4, "split-file": str(split_a),
+            "runs-root": "/here", "data-root": "/work/shared/data/polypgen"}  # fmt: skip
+    moved = {**base, "split-file": str(split_b), "runs-root": "/elsewhere", "data-root": "/mnt/polypgen"}
+    for method in ({}, {"method": "fedavg"}, {"method": "dsfedmed"}):
+        assert _config_hash({**base, **method}) == _config_hash({**moved, **method})  # paths are not identity
+    other_gen = {**base, "gen-seconds": 60.0}
+    assert _config_hash({**base, "method": "fedavg"}) == _config_hash({**other_gen, "method": "fedavg"})
+    assert _config_hash(base) == _config_hash(other_gen)  # central/local read no generator key
+    assert _config_hash({**base, "method": "dsfedmed"}) != _config_hash({**other_gen, "method": "dsfedmed"})
+    assert _config_hash({**base, "method": "fedfm"}) != _config_hash(
+        {**base, "method": "fedfm", "fm-learning-rate": 1e-4}
+    )
+    split_b.write_text('{"C1": {"train": ["y"]}}')  # another split is another unit
+    assert _config_hash({**base, "method": "fedavg"}) != _config_hash({**moved, "method": "fedavg"})
