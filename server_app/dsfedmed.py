@@ -20,6 +20,7 @@ so it competes on the FM-fit term alone until it has been selected once.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -90,9 +91,14 @@ class DSFedMedStrategy(DeadlineFedAvg):
             key["sites"] = sorted(self.fed.site_of(n) for n in self.train_nodes)
             # the generators train on the sites' training splits: a pool made from one split is never
             # reused with another (that could leak another split's test images into the pool)
+            # the data by name and the split by content: the same pool is recognised from another
+            # checkout or folder (the benchmark's worktrees), never across different splits
+            split_path = Path(cfg.split_file).expanduser() if cfg.split_file else None
             key["data"] = {
-                "data_root": cfg.data_root,
-                "split_file": cfg.split_file,
+                "data_root": Path(cfg.data_root).name if cfg.data_root else "",
+                "split": hashlib.sha256(split_path.read_bytes()).hexdigest()
+                if split_path is not None and split_path.is_file()
+                else cfg.split_file,
                 "split_seed": None if cfg.split_file else cfg.seed,
                 "fractions": [cfg.val_fraction, cfg.test_fraction],
                 "group_regex": cfg.split_group_regex,

@@ -89,3 +89,10 @@ def test_a_pool_from_another_split_is_not_reused(tmp_path):
     assert _pool_key(tmp_path, **{"val-fraction": 0.1}) != base
     assert _pool_key(tmp_path, **{"split-group-regex": "^(x)"}) != base
     assert _pool_key(tmp_path) == base
+    # a split file is known by its content, not its path
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text('{"C1": {"train": ["x"]}}')
+    b.write_text('{"C1": {"train": ["x"]}}')
+    assert _pool_key(tmp_path, **{"split-file": str(a)}) == _pool_key(tmp_path, **{"split-file": str(b)})
+    b.write_text('{"C1": {"train": ["y"]}}')
+    assert _pool_key(tmp_path, **{"split-file": str(a)}) != _pool_key(tmp_path, **{"split-file": str(b)})
