@@ -115,18 +115,22 @@ def flwr_run(
     return RunOutcome(run_id, status, details, out)
 
 
+def list_runs(link: SimulationLink) -> list[dict]:
+    """The SuperLink's runs as ``flwr list --format json`` reports them."""
+    res = subprocess.run(
+        [str(BIN / "flwr"), "list", "--format", "json"],
+        env=link.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return json.loads(res.stdout)["runs"]
+
+
 def run_status(link: SimulationLink, run_id: str, wait_s: float = 60) -> tuple[str, str]:
     deadline = time.monotonic() + wait_s
     while True:
-        res = subprocess.run(
-            [str(BIN / "flwr"), "list", "--format", "json"],
-            env=link.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        runs = json.loads(res.stdout)["runs"]
-        run = next(r for r in runs if r["run-id"] == run_id)
+        run = next(r for r in list_runs(link) if r["run-id"] == run_id)
         if run["status"].startswith("finished") or time.monotonic() > deadline:
             return run["status"], run.get("status-details", "")
         time.sleep(1)
@@ -145,15 +149,8 @@ def stop_run(link: SimulationLink, run_id: str) -> bool:
 
 def stop_running_runs(link: SimulationLink) -> list[str]:
     """Stop every run of this SuperLink that has not finished (the bench runs one at a time)."""
-    res = subprocess.run(
-        [str(BIN / "flwr"), "list", "--format", "json"],
-        env=link.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
     try:
-        runs = json.loads(res.stdout)["runs"]
+        runs = list_runs(link)
     except (ValueError, KeyError):
         return []
     return [
