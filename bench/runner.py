@@ -110,6 +110,18 @@ def _holdout(hold: dict | None) -> dict:
     }
 
 
+def floor_summary(floors: dict) -> dict:
+    """Dice@0.5 of each floor (and the FM zero-shot reference) on the sites' test splits and the
+    held-out hospital, and the best floor: what a unit's figures must be read against."""
+    out = {
+        name: {k: floors[name].get(k) for k in ("dice05_test_mean", "dice05_holdout", "dice_test_mean")}
+        for name in ("untrained", "all-foreground", "all-background", "fm-zero-shot")
+        if name in floors
+    }
+    out["best_floor"] = floors.get("best_floor")
+    return out
+
+
 def _flower_record(run_dir: Path, wall: float, peak_mb: float, status: str, details: str) -> dict:
     rec: dict = {
         "status": status,
@@ -249,8 +261,12 @@ class BenchRunner:
         return json.loads(path.read_text()) if path.is_file() else None
 
     def _append(self, rec: dict) -> None:
-        """Write one unit's record (a re-run of the same variant and seed replaces it)."""
+        """Write one unit's record (a re-run of the same variant and seed replaces it), with the
+        floors of the same splits beside its figures, so a unit file read alone is not misread."""
         self.units_dir.mkdir(parents=True, exist_ok=True)
+        floors = self.load_floors()
+        if floors is not None:
+            rec = {**rec, "floors": floor_summary(floors)}
         name = f"{rec['variant']}-s{rec['seed']}.json"
         atomic_write_text(self.units_dir / name, json.dumps(json_safe(rec), indent=1) + "\n")
 
@@ -341,6 +357,7 @@ class BenchRunner:
             parse_run_config(base), self.profile.num_sites, self.profile.seeds, with_fm=with_fm, log=self.log
         )
         floors.update(config_hash=key, seconds_total=time.time() - t0)
+        floors["floors"] = floor_summary(floors)  # the same summary every unit file carries
         self.units_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.units_dir / "floors.json", json.dumps(json_safe(floors), indent=1) + "\n")
         return floors
