@@ -106,6 +106,7 @@ class Profile:
             "local_epochs": self.local_epochs,
             "pool_size": self.pool_size,
             "generator_seconds_per_site": self.gen_seconds,
+            "generator_steps_per_site": self.extra.get("gen-steps"),
             "seeds": list(self.seeds),
             "site_cap_train_val_test": list(self.caps) if self.caps else None,
             "models": {"site": self.extra.get("model", "unet"), "fm": self.extra.get("fm", "litemedsam")},
@@ -160,7 +161,10 @@ def _polypgen(name: str, image_size: int, description: str, device_note: str = "
         caps=None,
         fractions=(0.1, 0.2),
         pool_size=pool,
-        gen_seconds=600.0,
+        # the generators are budgeted by steps (1500 at batch 16, ~0.6 s a step on a free core: about
+        # 15 min per site); the seconds are only a safety cap. The pool is made once and reused by every
+        # DSFedMed unit and seed (its key has no run seed), its cost charged to each unit.
+        gen_seconds=3600.0,
         gen_sample_steps=50,
         methods=(
             Variant("central", "central"),
@@ -219,7 +223,11 @@ def _polypgen(name: str, image_size: int, description: str, device_note: str = "
         extra={
             **RECIPE,
             "evaluate-every": 4,
-            "pool-score-epochs": 5,  # the pool's quality, measured at the sites, in every DSFedMed unit
+            "gen-steps": 1500,
+            "gen-batch-size": 16,
+            # the pool's quality, measured at the sites in every DSFedMed unit: a model trained on the
+            # pool alone for 30 epochs (240 steps), scored on each site's real validation images
+            "pool-score-epochs": 30,
             # the FM: its decoder learns at 3e-4 (fedfm-decoder's sites and DSFedMed's teacher alike);
             # the teacher first adapts on the pool for 10 epochs
             "fm-learning-rate": 3e-4,
