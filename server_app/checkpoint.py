@@ -1,6 +1,7 @@
 """The server's whole state after each round, written atomically, and resuming a run from it.
 
-``<run-dir>/checkpoints/state.pt`` holds everything the rounds after ``round`` depend on: the
+``<run-dir>/checkpoints/state.json`` (with its arrays in ``state.safetensors``; no pickle, see
+``common/treefile.py``) holds everything the rounds after ``round`` depend on: the
 method's model state (FedAvg's global weights; DSFedMed's FM decoder and its optimiser, the site
 ensemble on the pool, which samples it covers, which sites hold the pool, global weights in
 weight exchange), the synthetic pool's id (the pool itself is ``pool.npz`` beside it), the
@@ -26,10 +27,11 @@ import numpy as np
 import torch
 
 from common.config import RunConfig
-from common.fileio import atomic_write, atomic_write_text
+from common.fileio import atomic_write_text
+from common.treefile import TreeFileError, load_tree, save_tree
 
-STATE_FILE = "state.pt"
-VERSION = 1
+STATE_FILE = "state.json"  # arrays in state.safetensors beside it
+VERSION = 2  # 1 was a pickled state.pt, which is never loaded
 
 # run config keys a resumed run may change: they do not change what a round computes
 RESUMABLE_CHANGES = {
@@ -91,23 +93,31 @@ def restore_rng(rng: dict[str, Any]) -> None:
 def save_state(checkpoints: Path, state: ServerState) -> Path:
     payload = {"version": VERSION, **state.__dict__}
     payload["rng"] = capture_rng()
-    return atomic_write(checkpoints / STATE_FILE, lambda p: torch.save(payload, p))
+    return save_tree(checkpoints / STATE_FILE, payload)
 
 
 def load_state(run_dir: Path) -> ServerState:
     path = Path(run_dir).expanduser() / "checkpoints" / STATE_FILE
+    if not path.is_file() and path.with_name("state.pt").is_file():
+        raise ResumeError(
+            f"resume-from {run_dir}: {path.with_name('state.pt')} is a pickled checkpoint of an older "
+            "version; pickles are never loaded (they can run code), so this run cannot be resumed"
+        )
     if not path.is_file():
         raise ResumeError(
             f"resume-from {run_dir}: no server checkpoint at {path} (the run stopped before its first round "
             "ended, or this is not a run directory); start a new run instead"
         )
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - a damaged checkpoint must say so, not crash later
-        raise ResumeError(f"resume-from {run_dir}: {path} cannot be read ({exc})") from None
+        payload = load_tree(path)
+    except TreeFileError as exc:  # a damaged checkpoint must say so, not crash later
+        raise ResumeError(f"resume-from {run_dir}: the checkpoint cannot be read ({exc})") from None
+    fields = set(ServerState.__dataclass_fields__)
     if not isinstance(payload, dict) or payload.get("version") != VERSION:
         raise ResumeError(f"resume-from {run_dir}: {path} is not a version {VERSION} server checkpoint")
     payload.pop("version")
+    if not fields >= set(payload) or not {"round", "state_key", "method", "run_config"} <= set(payload):
+        raise ResumeError(f"resume-from {run_dir}: {path} does not hold a server state (fields differ)")
     return ServerState(**payload)
 
 

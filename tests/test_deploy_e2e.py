@@ -134,7 +134,7 @@ def test_tls_trial_policy_audit_and_crashes_of_a_site_and_the_superlink(tmp_path
         trial.restart_site("site-1")
         trial.kill("superlink")
         trial.kill("flwr-run")  # the operator's `flwr run` lost its SuperLink too
-        assert (run_dir / "checkpoints" / "state.pt").is_file()
+        assert (run_dir / "checkpoints" / "state.json").is_file()
         survivors = {k: trial.procs[k] for k in ("supernode-site-0", "supernode-site-1")}
         trial.restart_superlink()
         runner.join(300)

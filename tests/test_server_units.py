@@ -213,6 +213,6 @@ def test_resume_refuses_changed_settings_and_missing_checkpoints(tmp_path):
         check_compatible(back, parse_run_config({**RESUME_CFG, "num-rounds": 2}))
     with pytest.raises(ResumeError, match="no server checkpoint"):
         load_state(tmp_path / "elsewhere")
-    (tmp_path / "checkpoints" / "state.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "checkpoints" / "state.json").write_bytes(b"not a checkpoint")
     with pytest.raises(ResumeError, match="cannot be read"):
         load_state(tmp_path)
