@@ -17,10 +17,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client_app.audit import AuditLog, audit_path
+from client_app.errors import (  # the codes are re-exported: part of the site's API
+    ERR_AUDIT,
+    ERR_CONFIG,
+    ERR_DATA,
+    ERR_INTERNAL,
+    ERR_PAYLOAD,
+    ERR_POLICY,
+    error_reply,
+)
+from client_app.outgoing import OutgoingViolation, check_reply
 from client_app.policy import PERMISSIVE, PolicyViolation, load_policy
 from client_app.privacy import PrivacyLedger, privatize_probs
 from client_app.state import SiteStore
@@ -47,14 +57,6 @@ from common.validation import (
 
 log = logging.getLogger("dsfedmed.client")
 app = ClientApp()
-
-# error codes carried in error replies (Flower reserves small codes for its own use)
-ERR_CONFIG = 1001
-ERR_DATA = 1002
-ERR_PAYLOAD = 1003
-ERR_POLICY = 1004  # the site's policy forbids the request or its reply; the reason names the rule
-ERR_AUDIT = 1005  # the reply could not be written to the site's audit log, so it was not sent
-ERR_INTERNAL = 1099
 
 
 class PayloadError(ValueError):
@@ -127,10 +129,14 @@ def _guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Messag
                 policy.check_request(msg.metadata.message_type)
                 reply = _answer(handler, msg, context)
                 if not reply.has_error():
+                    check_reply(msg.metadata.message_type, reply)  # only the protocol leaves
                     policy.check_reply(reply.content.array_records, message_nbytes(reply))
             except PolicyViolation as exc:
                 rule = exc.rule
-                reply = _error(msg, ERR_POLICY, str(exc))
+                reply = error_reply(msg, ERR_POLICY, str(exc), rule=exc.rule)
+            except OutgoingViolation as exc:
+                rule = "protocol"
+                reply = error_reply(msg, ERR_INTERNAL, f"reply withheld: {exc}")
         try:
             audit.record(msg, reply, run_id=context.run_id, site=site, policy=rule)
         except OSError as exc:
@@ -180,9 +186,9 @@ def _site_name(context: Context, node: NodeConfig) -> str:
         return node.site_name or "?"
 
 
-def _error(msg: Message, code: int, reason: str) -> Message:
-    log.error("replying with error %d to %s: %s", code, msg.metadata.message_type, reason)
-    return Message(Error(code=code, reason=reason), reply_to=msg)
+def _error(msg: Message, code: int, detail: str) -> Message:
+    """An error reply: the code and a fixed sentence leave the site; ``detail`` stays in its log."""
+    return error_reply(msg, code, detail)
 
 
 def _state_key(msg: Message, context: Context) -> int:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Message
 
+from client_app.errors import local_detail
 from common.codec import message_nbytes
 from common.config import NodeConfig
 from common.data import default_cache_dir
@@ -113,7 +114,13 @@ class AuditLog:
             "policy": policy,
         }
         if reply.has_error():
-            entry.update(error_code=reply.error.code, error_reason=reply.error.reason, records=[])
+            # the reason sent (fixed text and incident id) and what the site knows (kept here only)
+            entry.update(
+                error_code=reply.error.code,
+                error_reason=reply.error.reason,
+                error_detail=local_detail(reply.error.reason),
+                records=[],
+            )
             entry["array_bytes"] = 0
         else:
             entry["records"], entry["array_bytes"] = describe_records(reply)

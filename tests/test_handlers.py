@@ -1,10 +1,13 @@
 """ClientApp handlers called in-process with real Flower Messages."""
 
+import re
+
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from client_app.app import ERR_CONFIG, ERR_DATA, ERR_PAYLOAD, app
+from client_app.errors import local_detail
 from common import protocol as P
 from common.codec import to_array_record
 from common.models import build_model
@@ -97,7 +100,7 @@ def test_evaluate_reply(task_identity):
 def test_bad_payload_gets_error_reply(task_identity, records, needle):
     rep = app(_msg(P.MSG_TRAIN, records), _ctx())
     assert rep.has_error() and rep.error.code == ERR_PAYLOAD
-    assert needle in rep.error.reason
+    assert needle in local_detail(rep.error.reason)
 
 
 def test_non_finite_weights_rejected(task_identity):
@@ -105,16 +108,21 @@ def test_non_finite_weights_rejected(task_identity):
     k = next(k for k in w if w[k].dtype.kind == "f")
     w[k] = w[k] * np.nan
     rep = app(_msg(P.MSG_TRAIN, {P.KEY_ARRAYS: to_array_record(w), P.KEY_CONFIG: ConfigRecord({})}), _ctx())
-    assert rep.has_error() and "non-finite" in rep.error.reason
+    assert rep.has_error() and "non-finite" in local_detail(rep.error.reason)
 
 
 def test_bad_config_and_missing_data_get_error_replies(task_identity, tmp_path):
     rep = app(_msg(P.MSG_QUERY_PROFILE, {}), _ctx(run={"num-rounds": -1}))
-    assert rep.has_error() and rep.error.code == ERR_CONFIG and "num-rounds" in rep.error.reason
+    assert rep.has_error() and rep.error.code == ERR_CONFIG and "num-rounds" in local_detail(rep.error.reason)
     rep = app(_msg(P.MSG_QUERY_PROFILE, {}), _ctx(node={"data-dir": str(tmp_path / "gone")}))
-    assert rep.has_error() and rep.error.code == ERR_DATA and "gone" in rep.error.reason
+    assert rep.has_error() and rep.error.code == ERR_DATA and "gone" in local_detail(rep.error.reason)
+    # the server learns the kind of failure and an incident id; the site's paths stay at the site
+    assert str(tmp_path) not in rep.error.reason and "gone" not in rep.error.reason
+    assert re.fullmatch(
+        r"the site's data cannot be used for this request \(site incident [0-9a-f]{12}\)", rep.error.reason
+    )
     rep = app(_msg(P.MSG_QUERY_PROFILE, {}), _ctx(node={}))
-    assert rep.has_error() and "data-dir" in rep.error.reason
+    assert rep.has_error() and "data-dir" in local_detail(rep.error.reason)
 
 
 def test_site_folder_via_node_config(task_identity, phantom_folder):

@@ -19,6 +19,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client_app.app import ERR_PAYLOAD, app
+from client_app.errors import local_detail
 from common import protocol as P
 from common.codec import decode_probs, encode_probs, from_array_record, to_array_record
 from common.config import parse_run_config
@@ -589,27 +590,29 @@ def test_pool_larger_than_the_run_allows_is_refused_unread(identity, tmp_path, n
     images, masks = _pool(40)  # pool-size is 8
     rep = app(_dsfedmed_request(pool=(images, masks)), _ctx(DSFEDMED, tmp_path))
     assert rep.has_error() and rep.error.code == ERR_PAYLOAD
-    assert "'pool' record holds" in rep.error.reason and "bytes, more than" in rep.error.reason
+    assert "'pool' record holds" in local_detail(rep.error.reason) and "bytes, more than" in local_detail(
+        rep.error.reason
+    )
     assert no_decode == []
 
 
 def test_pool_at_a_larger_size_than_the_run_makes_is_refused(identity, tmp_path):
     images, masks = _pool(6, 128)  # image-size 32, gen-size 16: no pool is made at 128 px
     rep = app(_dsfedmed_request(pool=(images, masks)), _ctx(DSFEDMED, tmp_path))
-    assert rep.has_error() and "'pool' record holds" in rep.error.reason
+    assert rep.has_error() and "'pool' record holds" in local_detail(rep.error.reason)
 
 
 def test_huge_soft_targets_are_refused_unread(identity, tmp_path, no_decode):
     soft = np.zeros((3, 1, 512, 512), np.uint8)
     rep = app(_dsfedmed_request(soft=soft), _ctx(DSFEDMED, tmp_path))
     assert rep.has_error() and rep.error.code == ERR_PAYLOAD
-    assert "'soft-targets' record holds" in rep.error.reason
+    assert "'soft-targets' record holds" in local_detail(rep.error.reason)
     assert no_decode == []
 
 
 def test_more_selected_samples_than_the_pool_is_refused(identity, tmp_path):
     rep = app(_dsfedmed_request(selected=list(range(9))), _ctx(DSFEDMED, tmp_path))
-    assert rep.has_error() and "9 selected samples, more than pool-size 8" in rep.error.reason
+    assert rep.has_error() and "9 selected samples, more than pool-size 8" in local_detail(rep.error.reason)
 
 
 def test_undecodable_pool_and_non_uint8_masks_are_refused(identity, tmp_path):
@@ -622,10 +625,12 @@ def test_undecodable_pool_and_non_uint8_masks_are_refused(identity, tmp_path):
         }
     )
     rep = app(req, _ctx(DSFEDMED, tmp_path))
-    assert rep.has_error() and "'pool' array 'masks' cannot be decoded" in rep.error.reason
+    assert rep.has_error() and "'pool' array 'masks' cannot be decoded" in local_detail(rep.error.reason)
     rep = app(_dsfedmed_request(pool=(images, masks.astype(bool))), _ctx(DSFEDMED, tmp_path))
     assert (
-        rep.has_error() and "masks must be {0,1} uint8" in rep.error.reason and "got bool" in rep.error.reason
+        rep.has_error()
+        and "masks must be {0,1} uint8" in local_detail(rep.error.reason)
+        and "got bool" in local_detail(rep.error.reason)
     )
 
 
@@ -635,7 +640,11 @@ def test_damaged_cached_pool_asks_for_a_resend(identity, tmp_path):
     images, masks = _pool()
     SiteStore(str(tmp_path / "state"), 11, "phantom-0").save_pool("pbad", images, masks * 7)
     rep = app(_dsfedmed_request(included="none", pool_id="pbad"), _ctx(DSFEDMED, tmp_path))
-    assert rep.has_error() and "not cached at this site" in rep.error.reason and "masks" in rep.error.reason
+    assert (
+        rep.has_error()
+        and "not cached at this site" in local_detail(rep.error.reason)
+        and "masks" in local_detail(rep.error.reason)
+    )
 
 
 def test_weights_of_a_wrong_dtype_are_refused_by_the_site(identity, tmp_path):
@@ -651,8 +660,8 @@ def test_weights_of_a_wrong_dtype_are_refused_by_the_site(identity, tmp_path):
     assert (
         rep.has_error()
         and rep.error.code == ERR_PAYLOAD
-        and "complex64" in rep.error.reason
-        and k in rep.error.reason
+        and "complex64" in local_detail(rep.error.reason)
+        and k in local_detail(rep.error.reason)
     )
 
 

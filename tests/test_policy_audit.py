@@ -7,6 +7,7 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from client_app.app import ERR_AUDIT, ERR_CONFIG, ERR_POLICY, app
+from client_app.errors import local_detail
 from client_app.policy import LogitDP, load_policy
 from client_app.privacy import epsilon, privatize_probs
 from common import protocol as P
@@ -65,7 +66,7 @@ def test_every_reply_is_audited_with_its_arrays_and_the_request_config(task_iden
 def test_policy_refuses_generator_upload_before_training(task_identity, site, tmp_path):
     rep = app(_gen_msg(), site(policy="allow-generator-upload = false\n"))
     assert rep.has_error() and rep.error.code == ERR_POLICY
-    assert rep.error.reason.startswith("policy allow-generator-upload:")
+    assert local_detail(rep.error.reason).startswith("policy allow-generator-upload:")
     (entry,) = _audit(tmp_path)
     assert entry["status"] == "error" and entry["policy"] == "allow-generator-upload"
     assert entry["records"] == [] and entry["error_code"] == ERR_POLICY
@@ -83,7 +84,11 @@ def test_policy_refuses_generator_upload_before_training(task_identity, site, tm
 )
 def test_policy_rules_name_themselves(task_identity, site, tmp_path, policy, rule):
     rep = app(_train_msg([0, 1]), site(policy=policy))
-    assert rep.has_error() and rep.error.code == ERR_POLICY and f"policy {rule}:" in rep.error.reason
+    assert (
+        rep.has_error()
+        and rep.error.code == ERR_POLICY
+        and f"policy {rule}:" in local_detail(rep.error.reason)
+    )
     assert _audit(tmp_path)[-1]["policy"] == rule
 
 
@@ -97,13 +102,18 @@ def test_policy_refuses_weights_upload(task_identity, site, tmp_path):
         message_type=P.MSG_TRAIN,
     )
     rep = app(msg, site(policy="allow-weights-upload = false\n", method="fedavg"))
-    assert rep.has_error() and "policy allow-weights-upload:" in rep.error.reason
+    assert rep.has_error() and "policy allow-weights-upload:" in local_detail(rep.error.reason)
 
 
 def test_bad_policy_files_are_config_errors_naming_the_file(task_identity, site, tmp_path):
     rep = app(_train_msg([0]), site(policy="max-reply-bytes = -3\n"))
     assert rep.has_error() and rep.error.code == ERR_CONFIG
-    assert "policy.toml" in rep.error.reason and "max-reply-bytes" in rep.error.reason
+    assert "policy.toml" in local_detail(rep.error.reason) and "max-reply-bytes" in local_detail(
+        rep.error.reason
+    )
+    assert (
+        str(tmp_path) not in rep.error.reason and "policy.toml" not in rep.error.reason
+    )  # stays at the site
     with pytest.raises(ConfigError, match="not found"):
         load_policy(str(tmp_path / "missing.toml"))
     (tmp_path / "typo.toml").write_text('allowed-message-types = ["train", "trian"]\n')
@@ -126,7 +136,7 @@ def test_dp_noises_uploads_and_accounts_epsilon_until_the_cap(task_identity, sit
         # the answer covers the whole pool (6 samples): that is what DP noises and accounts for
         decode_probs(rep.content.array_records[P.KEY_SITE_PROBS][P.ARR_PROBS].numpy(), 6, 16)
     assert reps[2].has_error() and reps[2].error.code == ERR_POLICY
-    assert "policy dp.max-epsilon:" in reps[2].error.reason
+    assert "policy dp.max-epsilon:" in local_detail(reps[2].error.reason)
     ledger = json.loads(next((tmp_path / "state").rglob("privacy.json")).read_text())
     assert len(ledger["releases"]) == 2 and ledger["epsilon"] == pytest.approx(eps[1])
     assert ledger["releases"][0]["sensitivity"] == pytest.approx(2 * 2.0 * np.sqrt(6))
@@ -156,7 +166,8 @@ def test_unwritable_audit_log_stops_the_reply(task_identity, site, tmp_path):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
     rep = app(_train_msg([0]), site(audit=str(blocker / "audit.jsonl")))
-    assert rep.has_error() and rep.error.code == ERR_AUDIT and "audit.jsonl" in rep.error.reason
+    assert rep.has_error() and rep.error.code == ERR_AUDIT and "audit.jsonl" in local_detail(rep.error.reason)
+    assert str(tmp_path) not in rep.error.reason and "audit" in rep.error.reason
 
 
 def test_audit_off(task_identity, site, tmp_path):

@@ -1,0 +1,177 @@
+"""Nothing but the protocol leaves the site: every reply type, answered from a real site folder, is
+walked for strings, and none names the folder, a file, or a file's hash; replies that break the
+protocol's schema are withheld."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from PIL import Image
+
+from client_app.app import ERR_INTERNAL, app
+from client_app.errors import local_detail
+from client_app.outgoing import OutgoingViolation, check_reply
+from common import protocol as P
+from common.codec import to_array_record
+from common.models import build_model
+from common.phantoms import phantom_site
+from tests.test_handlers_dsfedmed import _train_msg
+
+STEMS = [f"mrn4471-doe-jane-{i:03d}" for i in range(12)]
+RUN = {"image-size": 32, "local-epochs": 1, "batch-size": 4, "gen-steps": 2, "gen-batch-size": 4}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ward-7-private") / "patients-2026"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    site = phantom_site(3, len(STEMS), 48)
+    for stem, img, m in zip(STEMS, site.images, site.masks, strict=True):
+        Image.fromarray(img.transpose(1, 2, 0)).save(root / "images" / f"{stem}.png")
+        Image.fromarray((m[0] * 255).astype(np.uint8)).save(root / "masks" / f"{stem}.png")
+    (root / "images" / "mrn9999-broken.png").write_bytes(b"\x89PNG truncated")  # a reported problem
+    return root
+
+
+def _ctx(folder: Path, tmp_path: Path, **run) -> Context:
+    return Context(
+        run_id=9,
+        node_id=3,
+        node_config={
+            "data-dir": str(folder),
+            "site-name": "hospital-1",
+            "state-dir": str(tmp_path / "state"),
+            "cache-dir": str(tmp_path / "cache"),
+        },
+        state=RecordDict(),
+        run_config={**RUN, **run},
+    )
+
+
+def _strings(reply: Message) -> list[str]:
+    if reply.has_error():
+        return [reply.error.reason]
+    out: list[str] = []
+    for name, rec in reply.content.config_records.items():
+        out.append(name)
+        for k, v in rec.items():
+            out.append(k)
+            out.extend(x for x in (v if isinstance(v, list) else [v]) if isinstance(x, str))
+    for name, rec in reply.content.metric_records.items():
+        out += [name, *rec]
+    for name, rec in reply.content.array_records.items():
+        out += [name, *rec]
+    return out
+
+
+def _forbidden(folder: Path) -> set[str]:
+    names = {folder.name, folder.parent.name, "mrn9999-broken", *STEMS}
+    hashes = {hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*.png")}
+    return names | hashes | {h[:16] for h in hashes} | {str(folder)}
+
+
+def _weights() -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    return {k: v.numpy() for k, v in build_model("unet").state_dict().items()}
+
+
+def _requests() -> list[tuple[str, Message, dict]]:
+    def msg(mtype, records):
+        return Message(RecordDict(records), dst_node_id=3, message_type=mtype)
+
+    images, masks = phantom_site(50, 6, 32).images, phantom_site(50, 6, 32).masks
+    pool = to_array_record({P.ARR_IMAGES: images, P.ARR_MASKS: masks})
+    fedavg = {"method": "fedavg"}
+    return [
+        ("profile", msg(P.MSG_QUERY_PROFILE, {}), fedavg),
+        (
+            "train",
+            msg(P.MSG_TRAIN, {P.KEY_ARRAYS: to_array_record(_weights()), P.KEY_CONFIG: ConfigRecord({})}),
+            fedavg,
+        ),
+        (
+            "evaluate",
+            msg(
+                P.MSG_EVALUATE,
+                {P.KEY_ARRAYS: to_array_record(_weights()), P.KEY_CONFIG: ConfigRecord({P.CFG_SPLIT: "val"})},
+            ),
+            fedavg,
+        ),
+        ("generator", msg(P.MSG_TRAIN_GENERATOR, {P.KEY_CONFIG: ConfigRecord({})}), {"method": "dsfedmed"}),
+        (
+            "pool score",
+            msg(P.MSG_EVALUATE_POOL, {P.KEY_CONFIG: ConfigRecord({P.CFG_POOL_ID: "p1"}), P.KEY_POOL: pool}),
+            {"method": "dsfedmed", "pool-score-epochs": 1},
+        ),
+        ("dsfedmed train", _train_msg([0, 2]), {"method": "dsfedmed", "logit-size": 16}),
+        # failures: a missing pool, a bad request, a config the site cannot run
+        (
+            "no pool",
+            _train_msg([0], included="none", pool_id="never-sent"),
+            {"method": "dsfedmed", "logit-size": 16},
+        ),
+        ("bad payload", msg(P.MSG_TRAIN, {P.KEY_CONFIG: ConfigRecord({})}), fedavg),
+        ("bad config", msg(P.MSG_QUERY_PROFILE, {}), {"method": "fedavg", "num-rounds": -1}),
+    ]
+
+
+def test_no_reply_names_the_sites_folder_files_or_their_hashes(task_identity, folder, tmp_path):
+    forbidden = _forbidden(folder)
+    seen_error = seen_ok = 0
+    for label, request, run in _requests():
+        reply = app(request, _ctx(folder, tmp_path / label.replace(' ', '-'), **run))
+        seen_error += reply.has_error()
+        seen_ok += not reply.has_error()
+        if label in ("profile", "train", "evaluate", "generator", "pool score", "dsfedmed train"):
+            assert not reply.has_error(), f"{label}: {local_detail(reply.error.reason)}"
+        for s in _strings(reply):
+            assert "/" not in s and "\\" not in s, f"{label}: {s!r} holds a path separator"
+            hits = [f for f in forbidden if f in s]
+            assert not hits, f"{label}: {s!r} names {hits}"
+    assert seen_ok == 6 and seen_error == 3
+    # the problem is counted in the profile, its file named only in the site's own detail
+    prof = app(_requests()[0][1], _ctx(folder, tmp_path, method="fedavg")).content.config_records[
+        P.KEY_PROFILE
+    ]
+    assert prof["n-skipped"] == 1 and "1 x missing mask" in prof["data-report"]
+
+
+def test_a_reply_outside_the_protocol_is_withheld(task_identity, folder, tmp_path):
+    """Whatever a handler puts in its reply, only the protocol's records and safe strings leave."""
+    request = Message(RecordDict(), dst_node_id=3, message_type=P.MSG_QUERY_PROFILE)
+    ok = app(request, _ctx(folder, tmp_path, method="fedavg"))
+    cases = {
+        "a path in a field": {"site": str(folder)},
+        "a file hash": {"site": hashlib.sha256(b"x").hexdigest()},
+        "an extra field": {"data-folder": "x"},
+    }
+    base = dict(ok.content.config_records[P.KEY_PROFILE])
+    for label, change in cases.items():
+        rec = ConfigRecord({**base, **change})
+        with pytest.raises(OutgoingViolation):
+            check_reply(P.MSG_QUERY_PROFILE, Message(RecordDict({P.KEY_PROFILE: rec}), reply_to=request))
+            pytest.fail(f"{label} was let through")
+    extra = RecordDict({P.KEY_METRICS: MetricRecord({"loss": 1.0}), "debug": ConfigRecord({"x": 1})})
+    with pytest.raises(OutgoingViolation, match="not part of a evaluate reply"):
+        check_reply(P.MSG_EVALUATE, Message(extra, reply_to=request))
+    check_reply(P.MSG_QUERY_PROFILE, ok)  # the real profile passes
+
+
+def test_a_withheld_reply_becomes_an_internal_error(task_identity, folder, tmp_path, monkeypatch):
+    import client_app.app as site_app
+
+    real = site_app.package_versions
+    monkeypatch.setattr(site_app, "package_versions", lambda: {**real(), "leak": str(folder)})
+    reply = app(
+        Message(RecordDict(), dst_node_id=3, message_type=P.MSG_QUERY_PROFILE),
+        _ctx(folder, tmp_path, method="fedavg"),
+    )
+    assert reply.has_error() and reply.error.code == ERR_INTERNAL
+    assert str(folder) not in reply.error.reason and "reply withheld" in local_detail(reply.error.reason)
