@@ -58,7 +58,8 @@ def _encode(obj: Any, arrays: dict[str, torch.Tensor], where: str) -> Any:
             return {k: _encode(v, arrays, f"{where}.{k}") for k, v in obj.items()}
         return {
             "__dict__": [
-                [_encode(k, arrays, f"{where} key"), _encode(v, arrays, f"{where}[{k!r}]")] for k, v in obj.items()
+                [_encode(k, arrays, f"{where} key"), _encode(v, arrays, f"{where}[{k!r}]")]
+                for k, v in obj.items()
             ]
         }
     raise TypeError(f"{where}: a {type(obj).__name__} cannot be stored without pickle")
@@ -70,7 +71,7 @@ def _decode(obj: Any, arrays: dict[str, torch.Tensor], where: str) -> Any:
     if not isinstance(obj, dict):
         return obj
     if len(obj) == 1:
-        (marker, value), = obj.items()
+        ((marker, value),) = obj.items()
         if marker in ("__tensor__", "__ndarray__"):
             if value not in arrays:
                 raise TreeFileError(f"{where}: array {value!r} is missing from the arrays file")
@@ -123,7 +124,9 @@ def load_tree(json_path: Path) -> Any:
     except OSError as exc:
         raise TreeFileError(f"{apath} (the arrays of {json_path.name}) cannot be read: {exc}") from None
     if hashlib.sha256(raw).hexdigest() != doc.get("arrays_sha256"):
-        raise TreeFileError(f"{apath} is not the arrays file {json_path.name} was written with (SHA-256 differs)")
+        raise TreeFileError(
+            f"{apath} is not the arrays file {json_path.name} was written with (SHA-256 differs)"
+        )
     try:
         arrays = load(raw)
     except (SafetensorError, ValueError) as exc:

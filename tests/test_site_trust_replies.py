@@ -126,7 +126,7 @@ def test_no_reply_names_the_sites_folder_files_or_their_hashes(task_identity, fo
     forbidden = _forbidden(folder)
     seen_error = seen_ok = 0
     for label, request, run in _requests():
-        reply = app(request, _ctx(folder, tmp_path / label.replace(' ', '-'), **run))
+        reply = app(request, _ctx(folder, tmp_path / label.replace(" ", "-"), **run))
         seen_error += reply.has_error()
         seen_ok += not reply.has_error()
         if label in ("profile", "train", "evaluate", "generator", "pool score", "dsfedmed train"):
