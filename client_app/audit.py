@@ -28,6 +28,7 @@ from client_app.errors import local_detail
 from common.codec import message_nbytes
 from common.config import NodeConfig
 from common.data import default_cache_dir
+from common.fileio import private_mkdir
 
 log = logging.getLogger("dsfedmed.client")
 
@@ -130,7 +131,7 @@ class AuditLog:
         return entry
 
     def _append(self, line: str) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_mkdir(self.path.parent)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)

@@ -25,14 +25,13 @@ import numpy as np
 import torch
 
 from common.data import default_cache_dir
-from common.fileio import atomic_savez, atomic_write, atomic_write_text
+from common.fileio import atomic_savez, atomic_write, atomic_write_text, private_mkdir
 
 
 class SiteStore:
     def __init__(self, state_dir: str, state_key: int, site: str):
         root = Path(state_dir).expanduser() if state_dir else default_cache_dir() / "state"
-        self.dir = root / f"run-{state_key}" / site
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir = private_mkdir(root / f"run-{state_key}" / site)
 
     # model
     @property

@@ -12,16 +12,36 @@ from pathlib import Path
 import numpy as np
 
 
+def private_mkdir(path: Path) -> Path:
+    """``path`` as a folder; every folder created on the way is 0700 (readable by the owner only).
+    Folders that already exist keep their mode."""
+    path = Path(path)
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:  # made meanwhile by another process
+            pass
+    return path
+
+
 def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
-    """Call ``write(tmp)`` on a sibling temporary file, then rename it over ``path``.
+    """Call ``write(tmp)`` on a sibling temporary file, make it 0600, then rename it over ``path``.
 
     The temporary name keeps ``path``'s suffix, so writers that append one (``np.savez``) do not.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_mkdir(path.parent)
     tmp = path.with_name(f".tmp{os.getpid()}-{path.name}")
     try:
         write(tmp)
+        os.chmod(tmp, 0o600)  # private by default: models, caches and state are the owner's alone
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

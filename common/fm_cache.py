@@ -75,7 +75,6 @@ class EmbeddingCache:
                 emb = fm.embed(torch.from_numpy(np.ascontiguousarray(images[idx])))
             for i, e in zip(idx, emb.cpu().numpy().astype(np.float16), strict=True):
                 path = self.path(keys[i])
-                path.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write(path, lambda p, e=e: np.save(p, e, allow_pickle=False))
                 found[i] = e
             self.computed += len(idx)

@@ -235,6 +235,46 @@ def check_eval_metrics(record: Mapping[str, Any] | None) -> dict[str, float]:
     return out
 
 
+# --- profile -------------------------------------------------------------------------------------
+
+_PROFILE_COUNTS = (
+    "n-train",
+    "n-val",
+    "n-test",
+    "n-skipped",
+    "channels",
+    "num-classes",
+    "image-size",
+    "model-params",
+)
+_PROFILE_TEXT = ("site", "data-report", "model", "device")
+
+
+def check_profile(record: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A ``query.profile`` reply: exactly the protocol's fields, counts as whole numbers >= 0, names
+    as short non-empty strings, versions as a list of strings. Returns the profile as a dict."""
+    if record is None:
+        raise PayloadInvalid(f"no '{P.KEY_PROFILE}' record")
+    prof = dict(record)
+    missing = [k for k in P.PROFILE_FIELDS if k not in prof]
+    extra = sorted(set(prof) - set(P.PROFILE_FIELDS))
+    if missing or extra:
+        raise PayloadInvalid(f"'{P.KEY_PROFILE}' record lacks {missing} / has unexpected {extra}")
+    check_metrics(prof, _PROFILE_COUNTS, counts=_PROFILE_COUNTS, what=P.KEY_PROFILE)
+    for k in _PROFILE_TEXT:
+        v = prof[k]
+        if not isinstance(v, str) or not v.strip() or len(v) > 200:
+            raise PayloadInvalid(f"'{k}' in '{P.KEY_PROFILE}' is {v!r}, expected a non-empty string")
+    if len(prof["site"]) > 64:
+        raise PayloadInvalid(
+            f"'site' in '{P.KEY_PROFILE}' is {len(prof['site'])} characters long (at most 64)"
+        )
+    versions = prof["versions"]
+    if not isinstance(versions, list) or not all(isinstance(v, str) for v in versions):
+        raise PayloadInvalid(f"'versions' in '{P.KEY_PROFILE}' is {versions!r}, expected a list of strings")
+    return prof
+
+
 # --- synthetic pool ------------------------------------------------------------------------------
 
 

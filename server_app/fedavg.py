@@ -25,6 +25,7 @@ from common.validation import (
     PayloadInvalid,
     array_shapes,
     check_eval_metrics,
+    check_profile,
     check_train_metrics,
     check_weights_record,
 )
@@ -107,8 +108,12 @@ class DeadlineFedAvg(FedAvg):
             rep = next((r for r in ex.replies.values() if r.metadata.src_node_id == node), None)
             if rep is None:
                 continue
-            prof = dict(rep.content.config_records[P.KEY_PROFILE])
-            name = str(prof["site"])
+            try:  # a malformed profile drops that site, with a clear line; the others go on
+                prof = check_profile(rep.content.config_records.get(P.KEY_PROFILE))
+            except PayloadInvalid as exc:
+                ex.errors[f"node {node}"] = f"rejected profile: {exc}"
+                continue
+            name = prof["site"]
             if name in by_site:
                 raise FederationStopped(
                     f"two SuperNodes report the same site name {name!r} (nodes {by_site[name]} "

@@ -13,6 +13,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from PIL import Image
 
 from client_app.app import ERR_DATA, app
+from client_app.errors import local_detail
 from common import protocol as P
 from common.data import SiteDataError, load_site_folder
 
@@ -233,7 +234,6 @@ def test_site_folder_removed_mid_run_is_a_data_error_naming_it(task_identity, ph
     ):
         rep = app(msg, ctx)
         assert rep.has_error() and rep.error.code == ERR_DATA
-        assert (
-            str(folder / gone if gone else folder) in rep.error.reason
-            and "does not exist" in rep.error.reason
-        )
+        assert str(folder / gone if gone else folder) in local_detail(
+            rep.error.reason
+        ) and "does not exist" in local_detail(rep.error.reason)

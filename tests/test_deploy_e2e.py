@@ -171,7 +171,7 @@ def test_tls_trial_policy_audit_and_crashes_of_a_site_and_the_superlink(tmp_path
     assert (run_dir / "pool.png").is_file() and (run_dir / "dice.png").is_file()
     # site-1's policy refused the generator upload: the pool comes from site-0's generator
     assert set(summary["pool"]["generators"]) == {"site-0"}
-    assert "policy allow-generator-upload" in summary["pool"]["generator_errors"]["site-1"]
+    assert "(rule allow-generator-upload)" in summary["pool"]["generator_errors"]["site-1"]
     _audit_proves_no_site_data_left(trial.work, folders)
     _report_and_predict_at_site_0(tmp_path, run_dir, trial.work / "sites" / "site-0" / "state", folders)
 

@@ -5,6 +5,7 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from client_app.app import app
+from client_app.errors import local_detail
 from common import protocol as P
 from common.codec import from_array_record, to_array_record
 from common.foundation import PromptFreeSegmenter, load_foundation_model
@@ -88,7 +89,7 @@ def test_fedfm_refuses_weights_of_another_part(task_identity, decoder_weights):
         message_type=P.MSG_TRAIN,
     )
     rep = app(msg, _ctx(**{"fm-trainable": "all"}))
-    assert rep.has_error() and "do not fit" in rep.error.reason
+    assert rep.has_error() and "do not fit" in local_detail(rep.error.reason)
 
 
 def test_embedding_cache_embeds_each_image_once_and_decodes_like_the_fm(tmp_path):

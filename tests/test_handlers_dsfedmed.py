@@ -5,6 +5,7 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from client_app.app import ERR_PAYLOAD, app
+from client_app.errors import local_detail
 from common import protocol as P
 from common.codec import decode_probs, encode_probs, to_array_record
 from common.phantoms import phantom_site
@@ -104,7 +105,9 @@ def test_uncached_pool_is_an_error_the_server_can_act_on(task_identity, ctx):
     rep = app(_train_msg([0], included="none", pool_id="never-sent"), ctx())
     # a code, not a text, tells the server to resend the pool
     assert (
-        rep.has_error() and rep.error.code == P.ERR_NO_POOL and "not cached at this site" in rep.error.reason
+        rep.has_error()
+        and rep.error.code == P.ERR_NO_POOL
+        and "not cached at this site" in local_detail(rep.error.reason)
     )
 
 
@@ -119,17 +122,21 @@ def test_uncached_pool_is_an_error_the_server_can_act_on(task_identity, ctx):
 )
 def test_bad_soft_targets_are_rejected(task_identity, ctx, soft, needle):
     rep = app(_train_msg([0, 1], soft=soft), ctx())
-    assert rep.has_error() and needle in rep.error.reason
+    assert rep.has_error() and needle in local_detail(rep.error.reason)
 
 
 def test_bad_pool_is_rejected(task_identity, ctx):
     images, masks = _pool()
     rep = app(_train_msg([0], pool=(images.astype(np.float32), masks)), ctx())
-    assert rep.has_error() and "uint8" in rep.error.reason
+    assert rep.has_error() and "uint8" in local_detail(rep.error.reason)
     rep = app(_train_msg([0], pool=(images, masks * 7)), ctx())
-    assert rep.has_error() and "masks" in rep.error.reason
+    assert rep.has_error() and "masks" in local_detail(rep.error.reason)
     rep = app(_train_msg([0], pool=(images[..., :20], masks[..., :20])), ctx())
-    assert rep.has_error() and "(N,3,S,S)" in rep.error.reason and "20" in rep.error.reason
+    assert (
+        rep.has_error()
+        and "(N,3,S,S)" in local_detail(rep.error.reason)
+        and "20" in local_detail(rep.error.reason)
+    )
 
 
 def test_pool_sent_at_generator_size_is_trained_on_at_image_size(task_identity, ctx, monkeypatch):
@@ -218,4 +225,8 @@ def test_bootstrap_refused_outside_logits_exchange(task_identity, ctx):
     msg = _train_msg(list(range(6)))
     msg.content.config_records[P.KEY_CONFIG][P.CFG_STAGE] = P.STAGE_BOOTSTRAP
     rep = app(msg, ctx(exchange="weights"))
-    assert rep.has_error() and rep.error.code == ERR_PAYLOAD and "logits exchange only" in rep.error.reason
+    assert (
+        rep.has_error()
+        and rep.error.code == ERR_PAYLOAD
+        and "logits exchange only" in local_detail(rep.error.reason)
+    )

@@ -681,3 +681,39 @@ def test_a_site_cannot_claim_more_examples_than_its_profile(real, tmp_path):
     )
     why = strategy.validate_train_reply("h", inflated, real["reference"])
     assert why and f"more than the {n} training images" in why
+
+
+@pytest.mark.parametrize(
+    "profile, needle",
+    [
+        (None, "no 'profile' record"),
+        ({"site": "x"}, "lacks"),
+        ("n-train=-3", "'n-train' in 'profile' is -3"),
+        ("site=", "'site' in 'profile'"),
+        ("versions=flwr", "expected a list of strings"),
+    ],
+)
+def test_a_malformed_profile_drops_that_site_and_the_run_goes_on(identity, tmp_path, caplog, profile, needle):
+    """Site 2's profile is broken: the server logs why, site 2 does not join, site 1 trains alone."""
+
+    def damage(node, req, rep):
+        if node != 2 or req.metadata.message_type != P.MSG_QUERY_PROFILE:
+            return rep
+        prof = dict(rep.content.config_records[P.KEY_PROFILE])
+        if profile is None:
+            return _replace(req, rep, **{P.KEY_PROFILE: None})
+        if isinstance(profile, dict):
+            return _replace(req, rep, **{P.KEY_PROFILE: ConfigRecord(profile)})
+        key, value = profile.split("=")
+        prof[key] = int(value) if value.lstrip("-").isdigit() else value
+        return _replace(req, rep, **{P.KEY_PROFILE: ConfigRecord(prof)})
+
+    run = {**FEDAVG, "num-rounds": 1, "min-sites": 1, "tensorboard": False, "sampling-deadline-s": 5.0}
+    grid = LoopbackGrid(_site_contexts(run, tmp_path), damage)
+    strategy = DeadlineFedAvg(
+        parse_run_config(run), Federation(grid, poll_s=0.01), RunDirectory(tmp_path / "r")
+    )
+    with caplog.at_level("ERROR", logger="dsfedmed.server"):
+        strategy.profile_sites()
+    assert [strategy.fed.site_of(n) for n in strategy.train_nodes] == ["phantom-0"]
+    assert "rejected profile" in caplog.text and needle in caplog.text

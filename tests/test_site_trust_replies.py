@@ -175,3 +175,22 @@ def test_a_withheld_reply_becomes_an_internal_error(task_identity, folder, tmp_p
     )
     assert reply.has_error() and reply.error.code == ERR_INTERNAL
     assert str(folder) not in reply.error.reason and "reply withheld" in local_detail(reply.error.reason)
+
+
+def test_site_state_caches_and_audit_are_private(task_identity, folder, tmp_path):
+    """Everything the site writes (decoded-image cache, model, optimiser, audit log) is the owner's:
+    folders 0700, files 0600 (the audit log 0640, for an auditors' group)."""
+    root = tmp_path / "site-root"
+    for label, request, run in _requests()[:3]:
+        reply = app(request, _ctx(folder, root, **run))
+        assert not reply.has_error(), f"{label}: {local_detail(reply.error.reason)}"
+    files = [p for p in root.rglob("*") if p.is_file()]
+    assert any(p.name == "audit.jsonl" for p in files) and any(p.suffix == ".npz" for p in files)
+    for p in root.rglob("*"):
+        mode = p.stat().st_mode & 0o777
+        if p.is_dir():
+            assert mode & 0o077 == 0, f"{p} is {mode:o}"
+        elif p.name == "audit.jsonl":
+            assert mode & 0o037 == 0, f"{p} is {mode:o}"
+        else:
+            assert mode & 0o077 == 0, f"{p} is {mode:o}"
