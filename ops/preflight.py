@@ -72,6 +72,49 @@ def _problem_rows(report: Any, status: Status, check: str) -> list[Check]:
     return rows
 
 
+def _mask_value_sets(folder: Path, stems: list[str], label: str) -> Check:
+    """How many masks hold exactly {0, 255}, {0, 1}, one value only, or something else (soft edges
+    from resizing or JPEG, several labels): the loader takes any label > 0 as foreground, so other
+    sets are allowed but worth a look."""
+    import numpy as np
+    from PIL import Image
+
+    from common.data import IMAGE_EXTS
+
+    masks = {
+        p.stem: p
+        for p in (folder / "masks").iterdir()
+        if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
+    }
+    kinds: Counter[str] = Counter()
+    for stem in stems:
+        try:
+            with Image.open(masks[stem]) as im:
+                values = set(np.unique(np.asarray(im.convert("L"))).tolist())
+        except (KeyError, OSError):
+            continue
+        if values <= {0, 255} and len(values) == 2:
+            kinds["{0,255}"] += 1
+        elif values <= {0, 1} and len(values) == 2:
+            kinds["{0,1}"] += 1
+        elif len(values) == 1:
+            kinds["one value"] += 1
+        else:
+            kinds["other value sets"] += 1
+    counts = ", ".join(f"{k}: {v}" for k, v in sorted(kinds.items()))
+    notes = []
+    if kinds["other value sets"]:
+        notes.append(
+            f"{kinds['other value sets']} mask(s) hold values other than {{0,255}} or {{0,1}} (soft edges "
+            "or several labels; any value > 0 counts as foreground)"
+        )
+    if kinds["{0,255}"] and kinds["{0,1}"]:
+        notes.append("mixed encodings {0,255} and {0,1}")
+    if notes:
+        return Check(f"{label} mask values", "warn", f"{folder}/masks: {'; '.join(notes)} ({counts})")
+    return Check(f"{label} mask values", "ok", f"{folder}/masks: {counts or 'none read'}")
+
+
 def check_data_folder(folder: str | Path, image_size: int, label: str = "data") -> list[Check]:
     """Load ``folder`` (``images/`` + ``masks/``) exactly as the site will, and report pairs,
     skipped files (one row each), class balance and the source image sizes."""
@@ -110,12 +153,23 @@ def check_data_folder(folder: str | Path, image_size: int, label: str = "data") 
         f"{folder}: mean foreground fraction {fg.mean():.3f} at {image_size}x{image_size}, "
         f"{empty} of {n} mask(s) empty ({empty / n:.0%})"
     )
+    median = float(np.median(fg))
     if empty == n:
         rows.append(Check(f"{label} balance", "warn", msg + "; every mask is empty: nothing to learn"))
+    elif median > 0.5:
+        rows.append(
+            Check(
+                f"{label} balance",
+                "warn",
+                msg + f"; median foreground fraction {median:.2f} > 0.5: the masks are likely inverted "
+                "(foreground must be the lesion, label > 0)",
+            )
+        )
     elif empty / n > 0.5 or fg.mean() < 0.005:
         rows.append(Check(f"{label} balance", "warn", msg + "; very little foreground"))
     else:
         rows.append(Check(f"{label} balance", "ok", msg))
+    rows.append(_mask_value_sets(folder, site.stems, label))
 
     files = {
         p.stem: p

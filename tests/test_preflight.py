@@ -466,3 +466,25 @@ def test_policy_file_is_read_by_the_clientapps_parser(tmp_path):
     row = check_policy(p)
     assert row.status == "fail" and "allow-everything" in row.message and str(p) in row.message
     assert check_policy(tmp_path / "none.toml").status == "fail"
+
+
+def test_inverted_and_odd_masks_are_warned_with_counts(phantom_folder):
+    """Masks that are mostly foreground (likely inverted) and masks with value sets other than
+    {0,255} / {0,1} are warned, with counts."""
+    rows = {r.check: r for r in check_data_folder(phantom_folder, 32)}
+    assert rows["data mask values"].status == "ok" and "{0,255}: 12" in rows["data mask values"].message
+    masks = sorted((phantom_folder / "masks").iterdir())
+    for m in masks:  # invert every mask
+        a = np.asarray(Image.open(m).convert("L"))
+        Image.fromarray(np.where(a > 0, 0, 255).astype(np.uint8)).save(m)
+    rows = {r.check: r for r in check_data_folder(phantom_folder, 32)}
+    assert rows["data balance"].status == "warn" and "likely inverted" in rows["data balance"].message
+    labels = np.zeros((32, 32), np.uint8)
+    labels[8:24, 8:24] = 1
+    labels[8:12, 8:24] = 2  # two labels (soft edges are refused by the loader, reported apart)
+    Image.fromarray(labels).save(masks[0])
+    Image.fromarray((labels > 0).astype(np.uint8)).save(masks[1])  # {0,1}
+    rows = {r.check: r for r in check_data_folder(phantom_folder, 32)}
+    msg = rows["data mask values"].message
+    assert rows["data mask values"].status == "warn" and "1 mask(s) hold values other than" in msg
+    assert "{0,1}: 1" in msg and "{0,255}: 10" in msg and "other value sets: 1" in msg
