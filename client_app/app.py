@@ -31,7 +31,7 @@ from client_app.errors import (  # the codes are re-exported: part of the site's
     error_reply,
 )
 from client_app.outgoing import OutgoingViolation, check_reply
-from client_app.policy import PERMISSIVE, PolicyViolation, load_policy
+from client_app.policy import PERMISSIVE, EvaluateCounter, PolicyViolation, load_policy
 from client_app.privacy import PrivacyLedger, privatize_probs
 from client_app.state import SiteStore
 from client_app.trainer import SiteTrainer, TrainSettings
@@ -127,6 +127,8 @@ def _guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Messag
         if reply is None:
             try:
                 policy.check_request(msg.metadata.message_type)
+                if msg.metadata.message_type == P.MSG_EVALUATE:
+                    policy.check_evaluate(_requested_split(msg), _evaluate_counter(node), int(context.run_id))
                 reply = _answer(handler, msg, context)
                 if not reply.has_error():
                     check_reply(msg.metadata.message_type, reply)  # only the protocol leaves
@@ -137,6 +139,8 @@ def _guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Messag
             except OutgoingViolation as exc:
                 rule = "protocol"
                 reply = error_reply(msg, ERR_INTERNAL, f"reply withheld: {exc}")
+            except ConfigError as exc:  # e.g. a damaged evaluate counter: nothing is answered blind
+                reply = _error(msg, ERR_CONFIG, f"configuration error: {exc}")
         try:
             audit.record(msg, reply, run_id=context.run_id, site=site, policy=rule)
         except OSError as exc:
@@ -176,6 +180,16 @@ def _check_request(msg: Message, context: Context) -> None:
     than the run config allows (:func:`common.validation.check_request_bytes`) is refused unread."""
     if msg.content.array_records:
         check_request_bytes(msg.content, parse_run_config(context.run_config))
+
+
+def _requested_split(msg: Message) -> str:
+    cfg = msg.content.config_records.get(P.KEY_CONFIG)
+    return str(cfg.get(P.CFG_SPLIT, "val")) if cfg is not None else "val"
+
+
+def _evaluate_counter(node: NodeConfig) -> EvaluateCounter:
+    root = Path(node.state_dir).expanduser() if node.state_dir else default_cache_dir() / "state"
+    return EvaluateCounter(root / "evaluate-requests.json")
 
 
 def _site_name(context: Context, node: NodeConfig) -> str:

@@ -20,12 +20,19 @@ The file is TOML, named by node config ``policy-file`` (``dsfedmed provision`` w
     max-grad-norm = 1.0
     delta = 1e-5
 
-A request the policy forbids gets an error reply whose reason names the rule
-(``policy <rule>: ...``); the server records it and goes on without the site for that step.
+    [evaluate]                       # the server may score models on the site's labelled data
+    splits = ["val", "test", "all"]  # which splits it may ask for ("all": a held-out site)
+    max-requests-per-run = 0         # 0 = no limit; else evaluate requests answered per Flower run
+
+A request the policy forbids gets an error reply that names the rule (the detail stays in the
+site's log); the server records it and goes on without the site for that step.
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
+import os
 import tomllib
 from pathlib import Path
 
@@ -76,6 +83,22 @@ class GeneratorDP(_Section):
     delta: float = Field(1e-5, gt=0.0, lt=1.0)
 
 
+class EvaluateLimits(_Section):
+    """What the server may learn from the site's labels: each evaluate request scores weights the
+    server chose on one of the site's splits, so answering without limit is an oracle."""
+
+    splits: tuple[str, ...] = ("val", "test", "all")
+    max_requests_per_run: int = Field(0, ge=0)
+
+    @field_validator("splits")
+    @classmethod
+    def _known_splits(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = sorted(set(v) - set(P.SPLITS))
+        if unknown:
+            raise ValueError(f"unknown split(s) {unknown}; known: {', '.join(P.SPLITS)}")
+        return v
+
+
 class SitePolicy(_Section):
     allowed_message_types: tuple[str, ...] = ALL_MESSAGE_TYPES
     max_reply_bytes: int = Field(0, ge=0)
@@ -83,6 +106,7 @@ class SitePolicy(_Section):
     allow_weights_upload: bool = True
     dp: LogitDP = LogitDP()
     generator_dp: GeneratorDP = GeneratorDP()
+    evaluate: EvaluateLimits = EvaluateLimits()
     source: str = Field("", exclude=True)  # the file it came from (for messages)
 
     @field_validator("allowed_message_types")
@@ -107,6 +131,23 @@ class SitePolicy(_Section):
                 "this site does not send diffusion generator weights (they can memorise training images)",
             )
 
+    def check_evaluate(self, split: str, counter: EvaluateCounter | None, run_id: int) -> None:
+        """Before an evaluate request is answered: the split is one the site lets the server score,
+        and the run has not used up its requests (each allowed request counts, answered or not)."""
+        if split not in self.evaluate.splits:
+            raise PolicyViolation(
+                "evaluate.splits",
+                f"this site does not score models on its '{split}' split (allowed: {', '.join(self.evaluate.splits)})",
+            )
+        limit = self.evaluate.max_requests_per_run
+        if limit and counter is not None:
+            n = counter.take(run_id)
+            if n > limit:
+                raise PolicyViolation(
+                    "evaluate.max-requests-per-run",
+                    f"run {run_id} has asked for {n} evaluations; this site answers at most {limit} per run",
+                )
+
     def check_reply(self, array_records: dict, nbytes: int) -> None:
         """After the handler, before anything leaves: what the reply holds and how big it is."""
         if P.KEY_GENERATOR in array_records and not self.allow_generator_upload:
@@ -120,6 +161,40 @@ class SitePolicy(_Section):
 
 
 PERMISSIVE = SitePolicy()
+
+
+class EvaluateCounter:
+    """How many evaluate requests each Flower run has made of this site, kept in the site's state
+    folder (``evaluate-requests.json``, locked while counting: ClientApp processes may overlap). The
+    run id is the SuperLink's, not something the server's run config can set."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def take(self, run_id: int) -> int:
+        """Count one more request of ``run_id``; returns the run's count including this one."""
+        from common.fileio import private_mkdir
+
+        private_mkdir(self.path.parent)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            raw = os.read(fd, 1 << 20).decode() or "{}"
+            try:
+                counts = {str(k): int(v) for k, v in json.loads(raw).items()}
+            except (ValueError, AttributeError):
+                raise ConfigError(
+                    f"{self.path} is damaged; the site cannot count evaluate requests"
+                ) from None
+            counts[str(run_id)] = counts.get(str(run_id), 0) + 1
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(counts).encode())
+            os.fsync(fd)
+            return counts[str(run_id)]
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
 
 def load_policy(path: str) -> SitePolicy:

@@ -173,6 +173,13 @@ enabled = false
 noise-multiplier = 1.0
 max-grad-norm = 1.0
 delta = 1e-5
+
+# scoring at the server's request: each evaluate request scores weights the server chose on this
+# site's labelled images. Which splits it may ask for ("val", "test"; "all" = every image, for a
+# site held out of training) and how many requests one Flower run may make (0 = no limit)
+[evaluate]
+splits = ["val", "test"]
+max-requests-per-run = 100
 """
 
 

@@ -192,3 +192,39 @@ def test_deploy_local_refuses_a_policy_for_an_unknown_site_or_a_bad_policy(tmp_p
     )
     assert res.exit_code == 2 and "max-reply-bytes" in res.output, res.output
     assert not (tmp_path / "keys").exists()  # nothing was started or made
+
+
+def _eval_msg(split: str) -> Message:
+    from common.codec import to_array_record
+    from common.models import build_model
+
+    w = {k: v.numpy() for k, v in build_model("unet").state_dict().items()}
+    return Message(
+        RecordDict({P.KEY_ARRAYS: to_array_record(w), P.KEY_CONFIG: ConfigRecord({P.CFG_SPLIT: split})}),
+        dst_node_id=3,
+        message_type=P.MSG_EVALUATE,
+    )
+
+
+def test_evaluation_is_bounded_by_the_sites_policy(task_identity, site, tmp_path):
+    """The server cannot use evaluation as an oracle: splits outside the policy are refused, and a
+    run gets at most max-requests-per-run answers; a new Flower run has its own count."""
+    policy = '[evaluate]\nsplits = ["val"]\nmax-requests-per-run = 2\n'
+    ctx = site(policy=policy, method="fedavg")
+    rep = app(_eval_msg("test"), ctx)
+    assert rep.has_error() and rep.error.code == ERR_POLICY and "(rule evaluate.splits)" in rep.error.reason
+    assert [app(_eval_msg("val"), ctx).has_error() for _ in range(3)] == [False, False, True]
+    rep = app(_eval_msg("val"), ctx)
+    assert "(rule evaluate.max-requests-per-run)" in rep.error.reason
+    assert "run 11 has asked for 4 evaluations" in local_detail(rep.error.reason)
+    other_run = Context(
+        run_id=12,
+        node_id=ctx.node_id,
+        node_config=ctx.node_config,
+        state=RecordDict(),
+        run_config=ctx.run_config,
+    )
+    assert not app(_eval_msg("val"), other_run).has_error()
+    with pytest.raises(ConfigError, match="unknown split"):
+        (tmp_path / "bad.toml").write_text('[evaluate]\nsplits = ["train", "holdout"]\n')
+        load_policy(str(tmp_path / "bad.toml"))

@@ -110,7 +110,12 @@ def test_node_config_policy_and_env_files(keys, tmp_path):
 
     policy = tomllib.loads((kit / "policy.toml").read_text())
     parsed = load_policy(str(kit / "policy.toml"))  # the ClientApp's own parser: every key known
-    assert parsed.model_dump() == PERMISSIVE.model_dump()  # the template is the permissive default
+    # the template is the permissive default, except that evaluation is bounded: no held-out
+    # ("all") scoring and at most 100 evaluate requests per run
+    assert {k: v for k, v in parsed.model_dump().items() if k != "evaluate"} == {
+        k: v for k, v in PERMISSIVE.model_dump().items() if k != "evaluate"
+    }
+    assert parsed.evaluate.splits == ("val", "test") and parsed.evaluate.max_requests_per_run == 100
     assert policy["allowed-message-types"] == [
         "query.profile",
         "train",
