@@ -32,7 +32,7 @@ from client_app.errors import (  # the codes are re-exported: part of the site's
 )
 from client_app.outgoing import OutgoingViolation, check_reply
 from client_app.policy import PERMISSIVE, EvaluateCounter, PolicyViolation, load_policy
-from client_app.privacy import PrivacyLedger, privatize_probs
+from client_app.privacy import LEDGER_FILE, PrivacyLedger, privatize_probs
 from client_app.state import SiteStore
 from client_app.trainer import SiteTrainer, TrainSettings
 from common import protocol as P
@@ -129,6 +129,9 @@ def _guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Messag
                 policy.check_request(msg.metadata.message_type)
                 if msg.metadata.message_type == P.MSG_EVALUATE:
                     policy.check_evaluate(_requested_split(msg), _evaluate_counter(node), int(context.run_id))
+                if msg.metadata.message_type == P.MSG_TRAIN and policy.dp.enabled:
+                    run = parse_run_config(context.run_config)  # refused before any work, not only after
+                    policy.check_dp_run(run.method, run.exchange)
                 reply = _answer(handler, msg, context)
                 if not reply.has_error():
                     check_reply(msg.metadata.message_type, reply)  # only the protocol leaves
@@ -180,6 +183,12 @@ def _check_request(msg: Message, context: Context) -> None:
     than the run config allows (:func:`common.validation.check_request_bytes`) is refused unread."""
     if msg.content.array_records:
         check_request_bytes(msg.content, parse_run_config(context.run_config))
+
+
+def _ledger_path(node: NodeConfig) -> Path:
+    """The site's one privacy ledger: in its state folder, whatever run or state key asks."""
+    root = Path(node.state_dir).expanduser() if node.state_dir else default_cache_dir() / "state"
+    return root / LEDGER_FILE
 
 
 def _requested_split(msg: Message) -> str:
@@ -331,7 +340,8 @@ def train_generator_handler(msg: Message, context: Context) -> Message:
     site, split = load_site(run, node)
     device = resolve_device(node.device or run.device)
     images, masks = site.subset(split["train"])
-    gdp = load_policy(node.policy_file).generator_dp
+    policy = load_policy(node.policy_file)
+    gdp = policy.generator_dp
     state, stats = train_generator(
         images,
         masks,
@@ -340,6 +350,10 @@ def train_generator_handler(msg: Message, context: Context) -> Message:
         log=lambda m: log.info("%s: %s", site.name, m),
         dp=DPSGD(gdp.noise_multiplier, gdp.max_grad_norm, gdp.delta) if gdp.enabled else None,
     )
+    if gdp.enabled:  # its ε joins the site's own ledger; past the site's budget nothing leaves
+        stats["dp_epsilon_total"] = PrivacyLedger(_ledger_path(node)).charge_generator(
+            policy.dp, float(stats["dp_epsilon"]), gdp.delta, gdp.noise_multiplier, int(context.run_id)
+        )
     if run.gen_upload_dtype == "float16":  # half the bytes; the server's sampler casts them back
         state = {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in state.items()}
     flat = {k: float(v) for k, v in stats.items() if isinstance(v, int | float)}
@@ -483,27 +497,31 @@ def _train_dsfedmed(msg: Message, context: Context, run: RunConfig, node: NodeCo
     if bootstrap:
         return Message(content, reply_to=msg)
     if run.exchange in ("logits", "hybrid"):
-        probs = _site_probs(tr.predict_probs(syn_images), run, node, store, server_round)
+        probs, eps = _site_probs(tr.predict_probs(syn_images), run, node, server_round, int(context.run_id))
         content[P.KEY_SITE_PROBS] = to_array_record({P.ARR_PROBS: probs})
+        if eps is not None:  # the server records which answers were noised, and the site's total ε
+            content[P.KEY_METRICS][P.MET_DP_EPSILON] = float(eps)
     if run.exchange in ("weights", "hybrid"):
         content[P.KEY_ARRAYS] = to_array_record(weights)
     return Message(content, reply_to=msg)
 
 
-def _site_probs(probs: torch.Tensor, run: RunConfig, node: NodeConfig, store: SiteStore, rnd: int):
-    """The probabilities that leave the site, encoded; with the policy's ``[dp]`` clipped and noised
-    at ``logit-size`` first, and the release charged to the run's privacy ledger."""
+def _site_probs(probs: torch.Tensor, run: RunConfig, node: NodeConfig, rnd: int, run_id: int):
+    """The probabilities that leave the site, encoded, and the site's total ε (None without DP):
+    with the policy's ``[dp]`` clipped and noised at ``logit-size`` first, the release charged to
+    the site's own privacy ledger (across every run)."""
     dp = load_policy(node.policy_file).dp
+    eps = None
     if dp.enabled:
         probs = torch.nn.functional.interpolate(probs.float(), size=(run.logit_size,) * 2, mode="area")
-        eps = PrivacyLedger(store.dir / "privacy.json").charge(dp, rnd, len(probs))
+        eps = PrivacyLedger(_ledger_path(node)).charge(dp, rnd, len(probs), run_id)
         gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
         probs = privatize_probs(probs, dp, gen)
         log.info(
-            "round %d: DP on %d uploaded probability maps, ε=%.3g so far (δ=%g)",
+            "round %d: DP on %d uploaded probability maps, the site's total ε=%.3g (δ=%g)",
             rnd,
             len(probs),
             eps,
             dp.delta,
         )
-    return encode_probs(probs, run.logit_size, run.logit_dtype)
+    return encode_probs(probs, run.logit_size, run.logit_dtype), eps

@@ -12,7 +12,7 @@ The file is TOML, named by node config ``policy-file`` (``dsfedmed provision`` w
     clip = 1.0                       # L2 bound of each sample's logit map (logit-size x logit-size)
     noise-multiplier = 1.0           # Gaussian noise std = noise-multiplier x L2 sensitivity
     delta = 1e-5
-    max-epsilon = 0.0                # 0 = no cap; else refuse uploads that would spend more
+    max-epsilon = 0.0                # the site's total ε budget over every run, generators included (0 = none)
 
     [generator-dp]                   # DP-SGD (opacus) for the site's diffusion generator
     enabled = false
@@ -148,12 +148,32 @@ class SitePolicy(_Section):
                     f"run {run_id} has asked for {n} evaluations; this site answers at most {limit} per run",
                 )
 
+    def check_dp_run(self, method: str, exchange: str) -> None:
+        """Under ``[dp]`` a run that would send model weights is refused before training."""
+        if self.dp.enabled and (method != "dsfedmed" or exchange != "logits"):
+            raise PolicyViolation(
+                "dp.enabled",
+                f"method {method} / exchange {exchange} sends model weights, which are not noised: a site "
+                "under DP takes part in DSFedMed with exchange 'logits' only",
+            )
+
     def check_reply(self, array_records: dict, nbytes: int) -> None:
         """After the handler, before anything leaves: what the reply holds and how big it is."""
         if P.KEY_GENERATOR in array_records and not self.allow_generator_upload:
             raise PolicyViolation("allow-generator-upload", "the reply holds generator weights")
         if P.KEY_ARRAYS in array_records and not self.allow_weights_upload:
             raise PolicyViolation("allow-weights-upload", "the reply holds model weights")
+        if self.dp.enabled and P.KEY_ARRAYS in array_records:
+            raise PolicyViolation(
+                "dp.enabled",
+                "the reply holds model weights, which are not noised: a site under DP sends only noised "
+                "probabilities (use exchange 'logits')",
+            )
+        if self.dp.enabled and P.KEY_GENERATOR in array_records and not self.generator_dp.enabled:
+            raise PolicyViolation(
+                "generator-dp.enabled",
+                "the reply holds generator weights trained without DP-SGD while the site's [dp] is on",
+            )
         if self.max_reply_bytes and nbytes > self.max_reply_bytes:
             raise PolicyViolation(
                 "max-reply-bytes", f"the reply holds {nbytes} bytes, more than {self.max_reply_bytes}"

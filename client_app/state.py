@@ -10,7 +10,8 @@ Layout: ``<state-dir>/run-<state key>/<site>/``:
   the same result; a site that joins late has none and starts from its initial model.
 - ``model.pt`` + ``model.json``: the newest model and what it is (network name, input channels,
   image size, run, round), so that ``dsfedmed predict`` can rebuild it without the run config.
-- ``pool-<id>.npz`` (the synthetic pool), ``privacy.json`` (the DP ledger).
+- ``pool-<id>.npz`` (the synthetic pool). The DP ledger is the site's, not a run's
+(``<state-dir>/privacy-ledger.json``, :mod:`client_app.privacy`).
 
 The state key is the Flower run id of the run that started the federation's state (a resumed run
 keeps it: ``server_app/checkpoint.py``).

@@ -87,6 +87,7 @@ MET_DICE05 = "dice05"  # Dice at threshold 0.5 (the headline; "dice" is threshol
 MET_IOU05 = "iou05"
 MET_STEPS = "steps"  # optimiser steps on private data this round
 MET_DISTILL_STEPS = "distill-steps"  # optimiser steps on synthetic samples this round
+MET_DP_EPSILON = "dp-epsilon"  # present when the site noised its answers: its total ε over every run
 MET_SECONDS = "seconds"
 
 # profile fields

@@ -9,6 +9,7 @@ an optional held-out site (leave-one-site-out), per-round metrics and traffic, a
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable
 
@@ -394,6 +395,20 @@ class DeadlineFedAvg(FedAvg):
             }
         return out
 
+    @staticmethod
+    def _dp(train_ex: Exchange | None) -> dict[str, float]:
+        """The sites whose accepted answers this round were noised under their DP policy, with
+        each one's total ε (over every run, as its own ledger counts it)."""
+        out: dict[str, float] = {}
+        if train_ex is None:
+            return out
+        for site, rep in train_ex.replies.items():
+            m = rep.content.metric_records.get(P.KEY_METRICS) or {}
+            v = m.get(P.MET_DP_EPSILON)
+            if site not in train_ex.errors and isinstance(v, int | float) and math.isfinite(v):
+                out[site] = float(v)
+        return out
+
     def _record_validation(self, result: Result, rnd: int, scores: dict) -> None:
         """Flower's per-round evaluation history; rounds without validation (evaluate-every) have none."""
         if scores:
@@ -439,6 +454,7 @@ class DeadlineFedAvg(FedAvg):
             "bytes_per_site": per_site,
             "bytes_by_kind": kinds,
             "steps": self._steps(train_ex),
+            "dp_epsilon": self._dp(train_ex),  # sites whose answers were noised: their total ε
             "seconds": time.time() - t0,
             "errors": errors,
             # sites of the roster that took no part: no answer in time, or gone before they were asked

@@ -232,8 +232,8 @@ def _audit_proves_no_site_data_left(work, folders):
         gen = [e for e in entries if e["message_type"] == P.MSG_TRAIN_GENERATOR]
         if name == "site-1":
             assert [e["policy"] for e in gen] == ["allow-generator-upload"]
-            ledger = json.loads(next((work / "sites" / name / "state").rglob("privacy.json")).read_text())
-            assert len(ledger["releases"]) >= 2 and ledger["epsilon"] > 0
+            ledger = json.loads((work / "sites" / name / "state" / "privacy-ledger.json").read_text())
+            assert len(ledger["releases"]) >= 2 and ledger["epsilon_total"] > 0
         else:
             assert [e["status"] for e in gen] == ["ok"]
     text = CliRunner().invoke(app, ["audit", str(work / "sites" / "site-1" / "state" / "audit.jsonl")])

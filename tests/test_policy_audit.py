@@ -137,9 +137,56 @@ def test_dp_noises_uploads_and_accounts_epsilon_until_the_cap(task_identity, sit
         decode_probs(rep.content.array_records[P.KEY_SITE_PROBS][P.ARR_PROBS].numpy(), 6, 16)
     assert reps[2].has_error() and reps[2].error.code == ERR_POLICY
     assert "policy dp.max-epsilon:" in local_detail(reps[2].error.reason)
-    ledger = json.loads(next((tmp_path / "state").rglob("privacy.json")).read_text())
-    assert len(ledger["releases"]) == 2 and ledger["epsilon"] == pytest.approx(eps[1])
+    ledger = json.loads((tmp_path / "state" / "privacy-ledger.json").read_text())
+    assert len(ledger["releases"]) == 2 and ledger["epsilon_total"] == pytest.approx(eps[1])
     assert ledger["releases"][0]["sensitivity"] == pytest.approx(2 * 2.0 * np.sqrt(6))
+    # the server sees which answers were noised, and the site's total ε
+    m = reps[1].content.metric_records[P.KEY_METRICS]
+    assert m[P.MET_DP_EPSILON] == pytest.approx(eps[1])
+
+
+def test_a_new_run_or_state_key_does_not_reset_the_sites_budget(task_identity, site, tmp_path):
+    """The budget belongs to the site's state folder: another Flower run id and another state key
+    from the server find the same ledger, spent."""
+    one = epsilon([2.0], 1e-5)
+    policy = f"[dp]\nenabled = true\nclip = 2.0\nnoise-multiplier = 2.0\nmax-epsilon = {one * 1.01}\n"
+    ctx = site(policy=policy)
+    assert not app(_train_msg([0, 1]), ctx).has_error()
+    fresh = Context(
+        run_id=99, node_id=3, node_config=ctx.node_config, state=RecordDict(), run_config=ctx.run_config
+    )
+    req = _train_msg([0, 1])
+    req.content.config_records["config"][P.CFG_STATE_KEY] = 123456
+    rep = app(req, fresh)
+    assert rep.has_error() and "(rule dp.max-epsilon)" in rep.error.reason
+    assert "over every run" in local_detail(rep.error.reason)
+    # a damaged ledger never hands out a fresh budget
+    (tmp_path / "state" / "privacy-ledger.json").write_text("{not json")
+    rep = app(_train_msg([0, 1]), fresh)
+    assert rep.has_error() and "ledger" in local_detail(rep.error.reason)
+
+
+def test_dp_refuses_weights_and_un_noised_generators(task_identity, site):
+    """Under [dp] nothing un-noised leaves: weights (hybrid/weights exchange, FedAvg) and a
+    generator trained without DP-SGD are refused."""
+    policy = "[dp]\nenabled = true\n"
+    rep = app(_train_msg([0, 1]), site(policy=policy, exchange="hybrid"))
+    assert rep.has_error() and "(rule dp.enabled)" in rep.error.reason
+    rep = app(_gen_msg(), site(policy=policy))
+    assert rep.has_error() and "(rule generator-dp.enabled)" in rep.error.reason
+
+
+def test_generator_dp_sgd_is_charged_to_the_sites_budget(task_identity, site, tmp_path):
+    gen = "[generator-dp]\nenabled = true\nnoise-multiplier = 1.0\nmax-grad-norm = 1.0\n"
+    rep = app(_gen_msg(), site(policy=gen))
+    assert not rep.has_error(), local_detail(rep.error.reason) if rep.has_error() else ""
+    spent = rep.content.config_records[P.KEY_GEN_STATS]["dp_epsilon"]
+    ledger = json.loads((tmp_path / "state" / "privacy-ledger.json").read_text())
+    assert ledger["generators"][0]["epsilon"] == pytest.approx(spent)
+    # a budget below what one more generator costs: trained, but nothing leaves
+    capped = gen + f"[dp]\nenabled = true\nmax-epsilon = {spent * 1.5}\n"
+    rep = app(_gen_msg(), site(policy=capped))
+    assert rep.has_error() and "(rule dp.max-epsilon)" in rep.error.reason
 
 
 def test_privatize_probs_clips_and_noises():
