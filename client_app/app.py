@@ -44,7 +44,7 @@ from common.foundation import PromptFreeSegmenter, fm_checkpoint_id, load_founda
 from common.generator import DPSGD, generator_config_from_run, train_generator
 from common.losses import DistillWeights
 from common.runtime import configure_threads, package_versions, resolve_device, setup_logging
-from common.sites import load_site, resolve_site
+from common.sites import check_no_server_paths, load_site, resolve_site
 from common.transforms import resize_pairs
 from common.validation import (
     PayloadInvalid,
@@ -53,6 +53,7 @@ from common.validation import (
     check_probs_record,
     check_request_bytes,
     decode_record,
+    record_nbytes,
 )
 
 log = logging.getLogger("dsfedmed.client")
@@ -72,6 +73,7 @@ def _setup(context: Context) -> tuple[RunConfig, NodeConfig]:
     setup_logging(log)
     run = parse_run_config(context.run_config)
     node = parse_node_config(context.node_config)
+    check_no_server_paths(run, node)  # a deployed site opens only the paths of its node config
     configure_threads(node.num_threads or run.num_threads)
     return run, node
 
@@ -81,9 +83,10 @@ def _trainer(run: RunConfig, node: NodeConfig, model: str | None = None) -> Site
     device = resolve_device(node.device or run.device)
     torch.manual_seed(run.seed)  # a site's initial model is reproducible from the run seed
     if run.method == "fedfm":  # the site runs the foundation model itself (FedSAM baseline)
+        checkpoint = node.fm_checkpoint if node.deployed else run.fm_checkpoint
         fm = load_foundation_model(
             run.fm,
-            run.fm_checkpoint,
+            checkpoint,
             device,
             freeze_encoder=run.fm_trainable == "decoder",
             expected_sha256=run.fm_checkpoint_sha256,
@@ -92,7 +95,7 @@ def _trainer(run: RunConfig, node: NodeConfig, model: str | None = None) -> Site
             cache = EmbeddingCache(
                 Path(node.cache_dir or default_cache_dir()) / "fm-embeddings",
                 run.fm,
-                fm_checkpoint_id(run.fm_checkpoint),
+                fm_checkpoint_id(checkpoint),
                 fm.spec.input_size,
             )
             net: torch.nn.Module = CachedPromptFreeSegmenter(fm, cache)
@@ -127,6 +130,7 @@ def _guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Messag
         if reply is None:
             try:
                 policy.check_request(msg.metadata.message_type)
+                policy.check_request_size(sum(record_nbytes(r) for r in msg.content.array_records.values()))
                 if msg.metadata.message_type == P.MSG_EVALUATE:
                     policy.check_evaluate(_requested_split(msg), _evaluate_counter(node), int(context.run_id))
                 if msg.metadata.message_type == P.MSG_TRAIN and policy.dp.enabled:

@@ -4,6 +4,7 @@ The file is TOML, named by node config ``policy-file`` (``dsfedmed provision`` w
 
     allowed-message-types = ["query.profile", "train", "evaluate", "train.generator", "evaluate.pool"]
     max-reply-bytes = 0              # 0 = no limit; else the largest reply (array bytes) the site sends
+    max-request-bytes = 1073741824   # the largest request (array bytes) the site decodes (0 = no limit)
     allow-generator-upload = true    # false: refuse train.generator (the diffusion weights)
     allow-weights-upload = true      # false: never send model weights (FedAvg, weights/hybrid exchange)
 
@@ -102,6 +103,9 @@ class EvaluateLimits(_Section):
 class SitePolicy(_Section):
     allowed_message_types: tuple[str, ...] = ALL_MESSAGE_TYPES
     max_reply_bytes: int = Field(0, ge=0)
+    # the largest request (array bytes) the site decodes, whatever the run config says: weights,
+    # pool and soft targets alike (0 = no limit; the protocol's own bounds still apply)
+    max_request_bytes: int = Field(1 << 30, ge=0)
     allow_generator_upload: bool = True
     allow_weights_upload: bool = True
     dp: LogitDP = LogitDP()
@@ -129,6 +133,14 @@ class SitePolicy(_Section):
             raise PolicyViolation(
                 "allow-generator-upload",
                 "this site does not send diffusion generator weights (they can memorise training images)",
+            )
+
+    def check_request_size(self, nbytes: int) -> None:
+        """Before anything in a request is decoded: its arrays fit the site's own bound."""
+        if self.max_request_bytes and nbytes > self.max_request_bytes:
+            raise PolicyViolation(
+                "max-request-bytes",
+                f"the request holds {nbytes} array bytes, more than this site accepts ({self.max_request_bytes})",
             )
 
     def check_evaluate(self, split: str, counter: EvaluateCounter | None, run_id: int) -> None:

@@ -304,6 +304,16 @@ class NodeConfig(_Strict):
     policy_file: str = Field(
         "", description="the site's policy (TOML); empty = allow what the protocol allows"
     )
+    split_file: str = Field("", description="this site's own split file (JSON); empty = a seeded split")
+    fm_checkpoint: str = Field(
+        "", description="this site's copy of the FM weights (method fedfm, SAM models)"
+    )
+
+    @property
+    def deployed(self) -> bool:
+        """A site of its own (data-dir or phantom-id, no simulation partition): it takes paths only
+        from this node config, never from the coordinator's run config."""
+        return self.partition_id is None
 
     @field_validator("model")
     @classmethod

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from common.config import NodeConfig, RunConfig
+from common.config import ConfigError, NodeConfig, RunConfig
 from common.data import SiteArrays, SiteDataError, default_cache_dir, load_site_folder
 from common.phantoms import phantom_site
 from common.splits import Split, load_split_file, make_splits
@@ -85,6 +85,28 @@ def _check_still_there(folder: Path) -> None:
             )
 
 
+# run-config keys that name a path only a site would open: a deployed site refuses a run that sets
+# them. (fm-checkpoint names the server's FM file; a deployed site never opens it and uses its node
+# config's fm-checkpoint instead.)
+SITE_PATH_KEYS = ("data-root", "split-file")
+
+
+def check_no_server_paths(run: RunConfig, node: NodeConfig) -> None:
+    """A deployed site opens only paths its own node config names: a run config that names one
+    (the coordinator probing the site's disk, or a simulation config sent to real sites) is refused.
+    Flower simulation (a ``partition-id`` and no site folder) keeps using the run config's paths."""
+    if not node.deployed:
+        return
+    flat = run.to_flat()
+    named = [k for k in SITE_PATH_KEYS if flat.get(k)]
+    if named:
+        raise ConfigError(
+            f"the run config names site paths ({', '.join(f'{k}={flat[k]!r}' for k in named)}); this site takes "
+            "its data and split from its own node config (data-dir, split-file) "
+            "and never opens a path the coordinator chose: remove them from the run config"
+        )
+
+
 def load_site(run: RunConfig, node: NodeConfig) -> tuple[SiteArrays, Split]:
     """The site's arrays and its deterministic split."""
     source = resolve_site(run, node)
@@ -94,8 +116,9 @@ def load_site(run: RunConfig, node: NodeConfig) -> tuple[SiteArrays, Split]:
     site = _load_cached(
         source, run.image_size, run.strict_data, run.phantom_images_per_site, run.seed, cache_dir
     )
-    if run.split_file:
-        split = load_split_file(run.split_file, site.stems, site.name)
+    split_file = node.split_file if node.deployed else run.split_file
+    if split_file:
+        split = load_split_file(split_file, site.stems, site.name)
     else:
         split = make_splits(
             site.stems,

@@ -150,6 +150,10 @@ allowed-message-types = ["query.profile", "train", "evaluate", "train.generator"
 # the largest reply this site sends, in bytes (0 = no limit)
 max-reply-bytes = 0
 
+# the largest request this site decodes (array bytes: weights, synthetic pool, soft targets), set by
+# the site whatever the coordinator's run config says (0 = no limit)
+max-request-bytes = 1073741824
+
 # whether this site trains a diffusion generator and sends its weights (pool-source 'generator');
 # false refuses train.generator (the server then falls back to another pool source)
 allow-generator-upload = true

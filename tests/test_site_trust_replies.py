@@ -5,6 +5,7 @@ protocol's schema are withheld."""
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from PIL import Image
 
-from client_app.app import ERR_INTERNAL, app
+from client_app.app import ERR_CONFIG, ERR_INTERNAL, app
 from client_app.errors import local_detail
 from client_app.outgoing import OutgoingViolation, check_reply
 from common import protocol as P
@@ -194,3 +195,48 @@ def test_site_state_caches_and_audit_are_private(task_identity, folder, tmp_path
             assert mode & 0o037 == 0, f"{p} is {mode:o}"
         else:
             assert mode & 0o077 == 0, f"{p} is {mode:o}"
+
+
+def test_a_deployed_site_refuses_paths_from_the_run_config(task_identity, folder, tmp_path):
+    """The coordinator cannot make a deployed site open (or hash) a path it chose: data-root and
+    split-file in the run config are refused; the site's own node config may name them. Flower simulation (partition-id, no site folder) keeps using the run config's paths."""
+    probe = tmp_path / "probe.json"
+    probe.write_text("{}")
+    request = Message(RecordDict(), dst_node_id=3, message_type=P.MSG_QUERY_PROFILE)
+    for key in ("data-root", "split-file"):
+        reply = app(request, _ctx(folder, tmp_path, method="fedavg", **{key: str(probe)}))
+        assert reply.has_error() and reply.error.code == ERR_CONFIG, key
+        assert str(probe) not in reply.error.reason and key in local_detail(reply.error.reason)
+    # fm-checkpoint names the server's FM file: the run goes on, the site never opens it (fedfm sites
+    # load their own copy, node config fm-checkpoint)
+    assert not app(
+        request, _ctx(folder, tmp_path, method="fedavg", **{"fm-checkpoint": str(probe)})
+    ).has_error()
+    # the site's own split file (node config) is used
+    from common.config import parse_node_config, parse_run_config
+    from common.sites import load_site
+    from common.splits import make_splits
+
+    ctx = _ctx(folder, tmp_path, method="fedavg")
+    run, node = parse_run_config(ctx.run_config), parse_node_config(ctx.node_config)
+    site, split = load_site(run, node)
+    own = make_splits(site.stems, seed=5, site=site.name, val_fraction=0.25, test_fraction=0.25)
+    path = tmp_path / "own-split.json"
+    path.write_text(json.dumps({site.name: {k: [site.stems[i] for i in v] for k, v in own.items()}}))
+    node2 = parse_node_config({**ctx.node_config, "split-file": str(path)})
+    assert load_site(run, node2)[1] == own and split != own
+
+
+def test_the_sites_own_request_bound_holds_whatever_the_run_config(task_identity, folder, tmp_path):
+    """Incoming weights are bounded by the site's policy (max-request-bytes), not the server's config."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text("max-request-bytes = 100000\n")
+    ctx = _ctx(folder, tmp_path, method="fedavg")
+    ctx.node_config["policy-file"] = str(policy)
+    request = Message(
+        RecordDict({P.KEY_ARRAYS: to_array_record(_weights()), P.KEY_CONFIG: ConfigRecord({})}),
+        dst_node_id=3,
+        message_type=P.MSG_TRAIN,
+    )
+    reply = app(request, ctx)
+    assert reply.has_error() and "(rule max-request-bytes)" in reply.error.reason
