@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.output import fail as _fail
-from deploy.certs import CertError, KeySpec, add_site, make_federation_keys
+from deploy.certs import CertError, KeySpec, add_site, make_federation_keys, make_site_keypair
 from deploy.processes import register_node_key
 
 deploy_app = typer.Typer(
@@ -25,10 +25,29 @@ console = Console()
 KeysOpt = Annotated[Path, typer.Option("--keys", help="the key set's folder (from `dsfedmed deploy keys`)")]
 
 
+def _site_args(site: list[str]) -> tuple[list[str], dict[str, bytes]]:
+    """``--site NAME=path/to/node.pub`` (or a bare NAME with --trial-site-keys) -> names, public keys."""
+    names, public = [], {}
+    for item in site:
+        name, _, path = item.partition("=")
+        names.append(name)
+        if path:
+            try:
+                public[name] = Path(path).expanduser().read_bytes()
+            except OSError as exc:
+                raise _fail(f"--site {item}: cannot read the public key ({exc})") from exc
+    return names, public
+
+
 @deploy_app.command("keys")
 def keys(
     out: Annotated[Path, typer.Option("--out", help="folder to write the key set into")] = Path("keys"),
-    site: Annotated[list[str], typer.Option("--site", help="a site name (repeat for each site)")] = [],  # noqa: B006
+    site: Annotated[
+        list[str],
+        typer.Option(
+            "--site", help="a site as NAME=path/to/its/node.pub (made at the site; repeat for each site)"
+        ),
+    ] = [],  # noqa: B006
     san_host: Annotated[
         list[str], typer.Option("--san-host", help="a hostname the SuperLink is reached by (repeat)")
     ] = ["localhost"],  # noqa: B006
@@ -36,16 +55,26 @@ def keys(
         list[str], typer.Option("--san-ip", help="an IP address the SuperLink is reached by (repeat)")
     ] = ["127.0.0.1"],  # noqa: B006
     days: Annotated[int, typer.Option(help="validity of the CA and the SuperLink certificate")] = 365,
+    trial_site_keys: Annotated[
+        bool,
+        typer.Option(
+            help="LOCAL TRIAL ONLY: make the sites' private keys here (a real site makes its own with "
+            "`dsfedmed deploy site-key`)"
+        ),
+    ] = False,
     overwrite: Annotated[
         bool, typer.Option(help="replace an existing key set (sites must re-register)")
     ] = False,
 ) -> None:
-    """Make a private CA, the SuperLink's TLS certificate (with its subject alternative names) and
-    one ECDSA key pair per site for SuperNode authentication."""
+    """Make a private CA and the SuperLink's TLS certificate (with its subject alternative names),
+    and register the sites' public keys for SuperNode authentication."""
+    names, public = _site_args(site)
     try:
         manifest = make_federation_keys(
             out,
-            KeySpec(sites=tuple(site), san_hosts=tuple(san_host), san_ips=tuple(san_ip), days=days),
+            KeySpec(sites=tuple(names), san_hosts=tuple(san_host), san_ips=tuple(san_ip), days=days),
+            public_keys=public,
+            trial_site_keys=trial_site_keys,
             overwrite=overwrite,
         )
     except CertError as exc:
@@ -54,9 +83,10 @@ def keys(
     t.add_row("CA key", str(out / "ca" / "ca.key"), "stays with whoever runs the CA (offline if possible)")
     t.add_row("SuperLink cert + key", str(out / "superlink"), "the coordinating site's SuperLink")
     for name, entry in manifest["sites"].items():
-        t.add_row(
-            f"site {name}", str(out / "sites" / name), f"hospital {name} only ({entry['ssh_fingerprint']})"
+        made = (
+            "private key made HERE (local trial only)" if entry.get("private_key_made_here") else "public key"
         )
+        t.add_row(f"site {name}", str(out / "sites" / name), f"{made} ({entry['ssh_fingerprint']})")
     console.print(t)
     console.print(
         f"SuperLink names: {', '.join(san_host + san_ip)}; valid until {manifest['superlink']['not_after']}. "
@@ -64,15 +94,47 @@ def keys(
     )
 
 
+@deploy_app.command("site-key")
+def site_key(
+    out: Annotated[Path, typer.Option("--out", help="the site's key folder")] = Path("site-key"),
+    overwrite: Annotated[
+        bool, typer.Option(help="replace an existing key (the site must re-register)")
+    ] = False,
+) -> None:
+    """AT THE SITE: make this site's node key pair. Keep node.key here (0600); send node.pub to the
+    coordinating site, which adds it with `dsfedmed deploy add-site NAME --public-key node.pub`."""
+    try:
+        entry = make_site_keypair(out, overwrite=overwrite)
+    except CertError as exc:
+        raise _fail(str(exc)) from exc
+    console.print(
+        f"private key {entry['private_key']} (stays here, 0600); public key {entry['public_key']} "
+        f"({entry['ssh_fingerprint']}): send it to the coordinating site",
+        soft_wrap=True,
+    )
+
+
 @deploy_app.command("add-site")
 def add_site_cmd(
-    name: Annotated[str, typer.Argument(help="the new site's name")], keys_dir: KeysOpt = Path("keys")
+    name: Annotated[str, typer.Argument(help="the new site's name")],
+    keys_dir: KeysOpt = Path("keys"),
+    public_key: Annotated[
+        Path | None,
+        typer.Option(help="the site's node.pub (made at the site with `dsfedmed deploy site-key`)"),
+    ] = None,
+    trial_site_key: Annotated[
+        bool, typer.Option(help="LOCAL TRIAL ONLY: make the site's private key here")
+    ] = False,
 ) -> None:
-    """One more site's key pair in an existing key set (CA and SuperLink certificate unchanged)."""
+    """One more site in an existing key set, by its public key (CA and SuperLink certificate unchanged)."""
     if not (keys_dir / "manifest.json").is_file():
         raise _fail(f"{keys_dir} holds no key set; make one with `dsfedmed deploy keys`")
     try:
-        entry = add_site(keys_dir, name)
+        pub = public_key.expanduser().read_bytes() if public_key is not None else None
+    except OSError as exc:
+        raise _fail(f"--public-key {public_key}: {exc}") from exc
+    try:
+        entry = add_site(keys_dir, name, public_key=pub, trial_private_key=trial_site_key)
     except CertError as exc:
         raise _fail(str(exc)) from exc
     console.print(f"site {name}: {keys_dir / 'sites' / name} ({entry['ssh_fingerprint']})")

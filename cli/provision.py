@@ -58,11 +58,17 @@ def provision(
         ),
     ] = "",
     port: Annotated[int, typer.Option(help="the SuperNode's local runtime API port")] = 9094,
+    trial_site_keys: Annotated[
+        bool,
+        typer.Option(
+            help="LOCAL TRIAL ONLY: a site without a public key in the key set gets a key pair made here"
+        ),
+    ] = False,
     overwrite: Annotated[bool, typer.Option(help="replace existing kits")] = False,
 ) -> None:
-    """Make a kit folder per site: CA certificate, the site's key pair, node config, the
-    flower-supernode command, docker compose variables, a policy template, a README and kit.json.
-    Never the CA key or another site's key."""
+    """Make a kit folder per site: CA certificate, the site's public key (its private key only when
+    the key set holds one: a local trial), node config, the flower-supernode command, docker compose
+    variables, a policy template, a README and kit.json. Never the CA key or another site's key."""
     from ops.provision import KitSpec, ProvisionError
     from ops.provision import provision as make_kits
 
@@ -78,6 +84,7 @@ def provision(
             model=models.get(s, ""),
             install_dir=f"{install_root.rstrip('/')}/{s}" if install_root else "",
             runtime_port=port,
+            trial_site_key=trial_site_keys,
         )
         for s in site
     ]
@@ -101,7 +108,8 @@ def provision(
             soft_wrap=True,
         )
     console.print(
-        "Send each kit to its site only (it holds that site's private key). At the site: "
+        "Send each kit to its site only. At the site: put its own node.key (from `dsfedmed deploy site-key`) "
+        "into the kit unless the kit already holds one (local trial), then run "
         "dsfedmed preflight site --kit <kit folder>",
         soft_wrap=True,
     )

@@ -5,10 +5,12 @@ Layout written by :func:`make_federation_keys` under one output folder::
     ca/ca.key, ca/ca.crt                 private CA (the key stays at the coordinating site)
     superlink/server.key, server.crt     SuperLink TLS certificate signed by the CA, with the SANs
     superlink/ca.crt                     the CA certificate (what every client verifies against)
-    sites/<site>/node.key                ECDSA (NIST P-384) private key in OpenSSH format: the
-                                         SuperNode signs its requests with it; it never leaves the site
-    sites/<site>/node.pub                its public key: registered with the SuperLink
-                                         (``flwr supernode register``)
+    sites/<site>/node.pub                the site's ECDSA (NIST P-384) public key, OpenSSH format:
+                                         registered with the SuperLink (``flwr supernode register``)
+    sites/<site>/node.key                only in a local trial's key set: the private key. In a real
+                                         federation the site makes its key pair itself
+                                         (:func:`make_site_keypair`, ``dsfedmed deploy site-key``)
+                                         and hands over node.pub only
     sites/<site>/ca.crt                  the CA certificate the SuperNode verifies the SuperLink with
     manifest.json                        what was made, fingerprints, validity, SANs
 
@@ -51,8 +53,6 @@ class KeySpec:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not self.sites:
-            raise CertError("at least one site is needed")
         for s in self.sites:
             if not SITE_NAME.match(s):
                 raise CertError(
@@ -165,12 +165,62 @@ def make_site_key() -> tuple[bytes, bytes]:
     return private, public + b"\n"
 
 
-def make_federation_keys(out: Path, spec: KeySpec, *, overwrite: bool = False) -> dict:
-    """Write the CA, the SuperLink certificate and one key pair per site under ``out``.
-
-    Refuses to touch an existing key set unless ``overwrite`` (a new CA invalidates every site's
-    trust, and new site keys must be registered again)."""
+def make_site_keypair(out: Path, *, overwrite: bool = False) -> dict:
+    """At the site: its node key pair in ``out`` (``node.key`` 0600 in a 0700 folder, ``node.pub``).
+    Only ``node.pub`` is given to the coordinating site; the private key never leaves."""
     out = Path(out)
+    if (out / "node.key").exists() and not overwrite:
+        raise CertError(
+            f"{out / 'node.key'} exists; pass --overwrite to replace it (the site must then re-register)"
+        )
+    _private_dir(out)
+    private, public = make_site_key()
+    _write(out / "node.key", private, private=True)
+    _write(out / "node.pub", public, private=False)
+    return {
+        "private_key": str(out / "node.key"),
+        "public_key": str(out / "node.pub"),
+        "ssh_fingerprint": _ssh_fingerprint(public),
+    }
+
+
+def check_public_key(public: bytes, what: str) -> bytes:
+    """``public`` as an OpenSSH ECDSA P-384 public key line (what Flower's node auth accepts)."""
+    from cryptography.hazmat.primitives.serialization import load_ssh_public_key
+
+    if b"PRIVATE KEY" in public:
+        raise CertError(f"{what} holds a private key: give the site's node.pub, never its node.key")
+    try:
+        key = load_ssh_public_key(public.strip())
+    except (ValueError, IndexError) as exc:
+        raise CertError(f"{what} is not an OpenSSH public key ({exc})") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp384r1":
+        raise CertError(f"{what} is not an ECDSA NIST P-384 key (Flower's node authentication needs one)")
+    return public.strip() + b"\n"
+
+
+def make_federation_keys(
+    out: Path,
+    spec: KeySpec,
+    *,
+    public_keys: dict[str, bytes] | None = None,
+    trial_site_keys: bool = False,
+    overwrite: bool = False,
+) -> dict:
+    """Write the CA, the SuperLink certificate and the sites' public keys under ``out``.
+
+    Each site of ``spec.sites`` is added with its public key from ``public_keys`` (made at the site);
+    ``trial_site_keys`` instead makes the sites' private keys here, for a local trial on one machine
+    only. Refuses to touch an existing key set unless ``overwrite`` (a new CA invalidates every
+    site's trust, and new site keys must be registered again)."""
+    out = Path(out)
+    public_keys = dict(public_keys or {})
+    missing = [s for s in spec.sites if s not in public_keys]
+    if missing and not trial_site_keys:
+        raise CertError(
+            f"no public key for site(s) {missing}: site keys are made at the site (`dsfedmed deploy site-key`), "
+            "which sends only node.pub; give it as --site NAME=path/to/node.pub (or --trial-site-keys for a local trial)"
+        )
     if (out / "manifest.json").exists() and not overwrite:
         raise CertError(
             f"{out} already holds a key set (manifest.json); pass --overwrite to replace it, or add "
@@ -208,28 +258,54 @@ def make_federation_keys(out: Path, spec: KeySpec, *, overwrite: bool = False) -
         },
         "sites": {},
     }
-    for site in spec.sites:
-        manifest["sites"][site] = add_site(out, site, ca_pem=ca_pem)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    return manifest
+    for site in spec.sites:
+        manifest["sites"][site] = add_site(
+            out,
+            site,
+            public_key=public_keys.get(site),
+            trial_private_key=site not in public_keys,
+            ca_pem=ca_pem,
+        )
+    return json.loads((out / "manifest.json").read_text())
 
 
-def add_site(out: Path, site: str, *, ca_pem: bytes | None = None) -> dict:
-    """One more site's key pair in an existing key set (the CA and SuperLink are untouched)."""
+def add_site(
+    out: Path,
+    site: str,
+    *,
+    public_key: bytes | None = None,
+    trial_private_key: bool = False,
+    ca_pem: bytes | None = None,
+) -> dict:
+    """One more site in an existing key set (the CA and SuperLink are untouched): by the public key
+    the site made (``public_key``), or, for a local trial only, with a key pair made here."""
     if not SITE_NAME.match(site):
         raise CertError(f"site name {site!r}: use letters, digits, '.', '_' or '-'")
+    if public_key is None and not trial_private_key:
+        raise CertError(
+            f"site {site!r}: give its public key (made at the site with `dsfedmed deploy site-key`); "
+            "the coordinator makes private keys only for a local trial"
+        )
     out = Path(out)
     ca_pem = ca_pem if ca_pem is not None else (out / "ca" / "ca.crt").read_bytes()
     site_dir = out / "sites" / site
-    if (site_dir / "node.key").exists():
+    if (site_dir / "node.pub").exists():
         raise CertError(f"site {site!r} already has a key in {site_dir}")
     _private_dir(out / "sites")
     _private_dir(site_dir)
-    private, public = make_site_key()
-    _write(site_dir / "node.key", private, private=True)
+    if public_key is not None:
+        public = check_public_key(public_key, f"the public key given for site {site!r}")
+    else:
+        private, public = make_site_key()
+        _write(site_dir / "node.key", private, private=True)
     _write(site_dir / "node.pub", public, private=False)
     _write(site_dir / "ca.crt", ca_pem, private=False)
-    entry = {"public_key": str(site_dir / "node.pub"), "ssh_fingerprint": _ssh_fingerprint(public)}
+    entry = {
+        "public_key": str(site_dir / "node.pub"),
+        "ssh_fingerprint": _ssh_fingerprint(public),
+        "private_key_made_here": public_key is None,
+    }
     manifest_path = out / "manifest.json"
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())

@@ -160,12 +160,14 @@ class LocalTrial:
         keys, names = self.keys, [s.name for s in self.cfg.sites]
         if not (keys / "manifest.json").is_file():
             self.echo(f"making a CA, a SuperLink certificate and {len(names)} site keys in {keys}")
-            make_federation_keys(
-                keys, KeySpec(sites=tuple(names), san_hosts=("localhost",), san_ips=(self.cfg.host,))
+            make_federation_keys(  # a trial on one machine: its sites' private keys are made here
+                keys,
+                KeySpec(sites=tuple(names), san_hosts=("localhost",), san_ips=(self.cfg.host,)),
+                trial_site_keys=True,
             )
         for name in names:
             if not (keys / "sites" / name / "node.key").is_file():
-                add_site(keys, name)
+                add_site(keys, name, trial_private_key=True)
         return keys
 
     def _write_flwr_config(self, ca: Path) -> None:

@@ -428,7 +428,7 @@ def check_site_key(path: str | Path) -> list[Check]:
     if mode & 0o077:
         rows.append(
             Check(
-                "site key", "warn", f"{path} is readable by group or others (mode {mode:o}): chmod 600 {path}"
+                "site key", "fail", f"{path} is readable by group or others (mode {mode:o}): chmod 600 {path}"
             )
         )
     data = path.read_bytes()

@@ -59,6 +59,7 @@ class KitSpec:
     model: str = ""  # empty = the run's model
     install_dir: str = ""  # where the kit folder will be at the site; empty = where it is written
     runtime_port: int = RUNTIME_PORT
+    trial_site_key: bool = False  # local trial only: a site not in the key set gets a key pair made here
 
 
 @dataclass
@@ -299,8 +300,18 @@ def provision(
             )
         _address_warning(s.superlink_address or _default_address(manifest), manifest)  # validates
         parse_node_config({"model": s.model, "data-dir": s.data_dir, "site-name": s.site})
+        if not (keys_dir / "sites" / s.site / "node.pub").is_file() and not s.trial_site_key:
+            raise ProvisionError(_no_public_key(s.site, keys_dir))
     _private_dir(out)
     return [_make_kit(keys_dir, out, s) for s in specs]
+
+
+def _no_public_key(site: str, keys_dir: Path) -> str:
+    return (
+        f"site {site} has no public key in {keys_dir}: the site makes its key pair (`dsfedmed deploy "
+        f"site-key`) and sends node.pub; add it with `dsfedmed deploy add-site {site} --public-key "
+        "node.pub` (or --trial-site-keys for a local trial)"
+    )
 
 
 def _make_kit(keys_dir: Path, out: Path, spec: KitSpec) -> Kit:
@@ -311,8 +322,10 @@ def _make_kit(keys_dir: Path, out: Path, spec: KitSpec) -> Kit:
     added = False
     site_keys = keys_dir / "sites" / spec.site
     if not (site_keys / "node.pub").is_file():
+        if not spec.trial_site_key:
+            raise ProvisionError(_no_public_key(spec.site, keys_dir))
         try:
-            add_site(keys_dir, spec.site)
+            add_site(keys_dir, spec.site, trial_private_key=True)
         except CertError as exc:
             raise ProvisionError(str(exc)) from None
         added = True

@@ -35,7 +35,7 @@ TINY_GEN = {
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
     out = tmp_path_factory.mktemp("keys") / "keys"
-    make_federation_keys(out, KeySpec(sites=("site-0", "site-1", "site-2", "rogue")))
+    make_federation_keys(out, KeySpec(sites=("site-0", "site-1", "site-2", "rogue")), trial_site_keys=True)
     return out
 
 

@@ -5,16 +5,18 @@ from __future__ import annotations
 import ipaddress
 import json
 import stat
+from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key
 from flwr.cli.supernode.register import try_load_public_key
 from typer.testing import CliRunner
 
 from cli.main import app
-from deploy.certs import CertError, KeySpec, add_site, make_federation_keys
+from deploy.certs import CertError, KeySpec, add_site, make_federation_keys, make_site_keypair
 
 
 def _mode(p):
@@ -26,7 +28,7 @@ def test_key_set_layout_permissions_and_formats(tmp_path):
     spec = KeySpec(
         sites=("C1", "C2"), san_hosts=("superlink.example.org", "localhost"), san_ips=("10.1.2.3",)
     )
-    manifest = make_federation_keys(out, spec)
+    manifest = make_federation_keys(out, spec, trial_site_keys=True)
 
     ca = x509.load_pem_x509_certificate((out / "ca" / "ca.crt").read_bytes())
     srv = x509.load_pem_x509_certificate((out / "superlink" / "server.crt").read_bytes())
@@ -59,23 +61,50 @@ def test_key_set_layout_permissions_and_formats(tmp_path):
 
 def test_existing_key_set_is_kept_and_sites_can_be_added(tmp_path):
     out = tmp_path / "keys"
-    make_federation_keys(out, KeySpec(sites=("a",)))
+    make_federation_keys(out, KeySpec(sites=("a",)), trial_site_keys=True)
     ca_before = (out / "ca" / "ca.crt").read_bytes()
     with pytest.raises(CertError, match="already holds a key set"):
-        make_federation_keys(out, KeySpec(sites=("a",)))
-    add_site(out, "b")
+        make_federation_keys(out, KeySpec(sites=("a",)), trial_site_keys=True)
+    add_site(out, "b", trial_private_key=True)
     assert (out / "ca" / "ca.crt").read_bytes() == ca_before
     assert set(json.loads((out / "manifest.json").read_text())["sites"]) == {"a", "b"}
     with pytest.raises(CertError, match="already has a key"):
-        add_site(out, "b")
-    make_federation_keys(out, KeySpec(sites=("a",)), overwrite=True)
+        add_site(out, "b", trial_private_key=True)
+    make_federation_keys(out, KeySpec(sites=("a",)), trial_site_keys=True, overwrite=True)
     assert (out / "ca" / "ca.crt").read_bytes() != ca_before
+
+
+def test_site_keys_are_made_at_the_site_and_only_public_keys_reach_the_coordinator(tmp_path):
+    """By default the coordinator writes no site private key: the site makes its pair, the key set
+    holds its node.pub; a private key, a wrong curve or garbage given as a public key is refused."""
+    site = make_site_keypair(tmp_path / "at-hospital-1")
+    assert _mode(tmp_path / "at-hospital-1") == 0o700 and _mode(Path(site["private_key"])) == 0o600
+    with pytest.raises(CertError, match="exists"):
+        make_site_keypair(tmp_path / "at-hospital-1")
+    out = tmp_path / "keys"
+    pub = Path(site["public_key"]).read_bytes()
+    with pytest.raises(CertError, match="no public key for site"):
+        make_federation_keys(out, KeySpec(sites=("hospital-1",)))
+    manifest = make_federation_keys(out, KeySpec(sites=("hospital-1",)), public_keys={"hospital-1": pub})
+    assert not list(out.rglob("node.key"))  # no site private key at the coordinator
+    assert (out / "sites" / "hospital-1" / "node.pub").read_bytes().strip() == pub.strip()
+    assert manifest["sites"]["hospital-1"]["ssh_fingerprint"] == site["ssh_fingerprint"]
+    assert manifest["sites"]["hospital-1"]["private_key_made_here"] is False
+    with pytest.raises(CertError, match="give its public key"):
+        add_site(out, "hospital-2")
+    with pytest.raises(CertError, match="holds a private key"):
+        add_site(out, "hospital-2", public_key=Path(site["private_key"]).read_bytes())
+    with pytest.raises(CertError, match="not an OpenSSH public key"):
+        add_site(out, "hospital-2", public_key=b"ssh-ed25519 garbage")
+    other = ec.generate_private_key(ec.SECP256R1()).public_key()
+    p256 = other.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    with pytest.raises(CertError, match="P-384"):
+        add_site(out, "hospital-2", public_key=p256)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
     [
-        ({"sites": ()}, "at least one site"),
         ({"sites": ("../etc",)}, "no path separators"),
         ({"sites": ("a", "a")}, "repeat"),
         ({"sites": ("a",), "san_ips": ("not-an-ip",)}, "not an IP address"),
@@ -90,15 +119,31 @@ def test_bad_key_specs_are_refused_with_the_reason(kwargs, needle):
 def test_cli_makes_keys_and_names_bad_input(tmp_path):
     runner = CliRunner()
     out = tmp_path / "k"
-    res = runner.invoke(
-        app, ["deploy", "keys", "--out", str(out), "--site", "C1", "--site", "C2", "--san-ip", "192.168.7.2"]
-    )
-    assert res.exit_code == 0, res.output
-    assert (out / "sites" / "C2" / "node.key").is_file() and "192.168.7.2" in res.output
     res = runner.invoke(app, ["deploy", "keys", "--out", str(out), "--site", "C1"])
+    assert res.exit_code != 0 and "no public key for site" in res.output and not out.exists()
+    res = runner.invoke(app, ["deploy", "site-key", "--out", str(tmp_path / "c2")])
+    assert res.exit_code == 0 and "send it to the coordinating site" in res.output
+    res = runner.invoke(
+        app,
+        [
+            "deploy", "keys", "--out", str(out), "--site", f"C2={tmp_path / 'c2' / 'node.pub'}",
+            "--site", "C1", "--trial-site-keys", "--san-ip", "192.168.7.2",
+        ],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert (out / "sites" / "C1" / "node.key").is_file() and not (out / "sites" / "C2" / "node.key").exists()
+    assert "192.168.7.2" in res.output and "local trial only" in res.output
+    res = runner.invoke(app, ["deploy", "keys", "--out", str(out), "--site", "C1", "--trial-site-keys"])
     assert res.exit_code != 0 and "already holds a key set" in res.output
     res = runner.invoke(app, ["deploy", "add-site", "C3", "--keys", str(out)])
+    assert res.exit_code != 0 and "give its public key" in res.output
+    runner.invoke(app, ["deploy", "site-key", "--out", str(tmp_path / "c3")])
+    res = runner.invoke(
+        app,
+        ["deploy", "add-site", "C3", "--keys", str(out), "--public-key", str(tmp_path / "c3" / "node.pub")],
+    )
     assert res.exit_code == 0 and (out / "sites" / "C3" / "node.pub").is_file()
+    assert not (out / "sites" / "C3" / "node.key").exists()
     res = runner.invoke(app, ["deploy", "register", "--keys", str(out), "--site", "nope"])
     assert res.exit_code != 0 and "no key for site" in res.output
 

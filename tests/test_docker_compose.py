@@ -67,7 +67,9 @@ def _help_flags(tool: str) -> set[str]:
 @pytest.fixture(scope="module")
 def compose(tmp_path_factory):
     keys = tmp_path_factory.mktemp("compose") / "keys"
-    make_federation_keys(keys, KeySpec(sites=SITES, san_hosts=("superlink", "localhost")))
+    make_federation_keys(
+        keys, KeySpec(sites=SITES, san_hosts=("superlink", "localhost")), trial_site_keys=True
+    )
     env = {**_env_file(DOCKER / ".env.example"), "KEYS_DIR": str(keys)}
     base = _interpolate(yaml.safe_load((DOCKER / "compose.yml").read_text()), env)
     gpu = _interpolate(yaml.safe_load((DOCKER / "compose.gpu.yml").read_text()), env)

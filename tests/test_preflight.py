@@ -54,7 +54,9 @@ def _status(rows, check: str) -> list[str]:
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pf") / "keys"
-    make_federation_keys(out, KeySpec(sites=("site-a", "site-b"), san_ips=("127.0.0.1",)))
+    make_federation_keys(
+        out, KeySpec(sites=("site-a", "site-b"), san_ips=("127.0.0.1",)), trial_site_keys=True
+    )
     return out
 
 
@@ -286,7 +288,7 @@ def test_site_key_permissions_mismatch_and_garbage(tmp_path, keys):
     shutil.copytree(keys / "sites" / "site-a", d)
     os.chmod(d / "node.key", 0o644)
     rows = check_site_key(d / "node.key")
-    assert [r.status for r in rows] == ["warn", "ok", "ok"] and "chmod 600" in rows[0].message
+    assert [r.status for r in rows] == ["fail", "ok", "ok"] and "chmod 600" in rows[0].message
     shutil.copy(keys / "sites" / "site-b" / "node.pub", d / "node.pub")
     rows = check_site_key(d / "node.key")
     assert rows[-1].status == "fail" and "is not the public key of" in rows[-1].message

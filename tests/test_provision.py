@@ -34,7 +34,9 @@ def _mode(p: Path) -> int:
 def keys(tmp_path) -> Path:
     out = tmp_path / "keys"
     make_federation_keys(
-        out, KeySpec(sites=("hospital-1", "hospital-2"), san_hosts=("localhost",), san_ips=("127.0.0.1",))
+        out,
+        KeySpec(sites=("hospital-1", "hospital-2"), san_hosts=("localhost",), san_ips=("127.0.0.1",)),
+        trial_site_keys=True,
     )
     return out
 
@@ -48,6 +50,12 @@ def test_kit_contents_permissions_and_no_foreign_keys(keys, tmp_path):
     res = _provision(
         keys, out, "--site", "hospital-1", "--site", "C7", "--superlink-address", "localhost:9092",
         "--data-dir", "/data/{site}", "--model", "C7=segresnet",
+    )  # fmt: skip
+    # C7 has no public key in the key set: a real site sends one; only a local trial makes it here
+    assert res.exit_code != 0 and "no public key" in res.output and "deploy site-key" in res.output
+    res = _provision(
+        keys, out, "--site", "hospital-1", "--site", "C7", "--superlink-address", "localhost:9092",
+        "--data-dir", "/data/{site}", "--model", "C7=segresnet", "--trial-site-keys",
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     # C7 was not in the key set: added to it (and reported as new)
@@ -233,7 +241,7 @@ def test_a_fresh_kit_passes_site_preflight(keys, tmp_path, phantom_folder):
     assert all(r["status"] == "ok" for r in rows if r["check"] == "site key")
     # a CA that is not the kit's, and a key with loose permissions
     other = tmp_path / "other"
-    make_federation_keys(other, KeySpec(sites=("x",)))
+    make_federation_keys(other, KeySpec(sites=("x",)), trial_site_keys=True)
     (kit / "ca.pem").write_bytes((other / "ca" / "ca.crt").read_bytes())
     (kit / "node.key").chmod(0o640)
     rows = json.loads(runner.invoke(app, ["preflight", "site", "--kit", str(kit), "--format", "json"]).stdout)
@@ -241,5 +249,5 @@ def test_a_fresh_kit_passes_site_preflight(keys, tmp_path, phantom_folder):
         r["check"] == "CA certificate" and "not the CA this kit was made with" in r["message"] for r in rows
     )
     assert any(
-        r["check"] == "site key" and r["status"] == "warn" and "chmod 600" in r["message"] for r in rows
+        r["check"] == "site key" and r["status"] == "fail" and "chmod 600" in r["message"] for r in rows
     )
