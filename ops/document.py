@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from dataclasses import dataclass, field
 
 # --- the document model: sections of blocks, rendered to HTML and to Markdown --------------------
@@ -139,34 +140,50 @@ def render_html(doc: Document) -> str:
     return "\n".join(out)
 
 
+_MD_SPECIAL = "`*_[]#!~|"  # with [ ] escaped no link or image can form
+
+
+def _md_text(text: str) -> str:
+    """Any text in the Markdown report (site names, reasons, paths included) as literal text: every
+    character Markdown or HTML would interpret is escaped, so a string from a site cannot add links,
+    images, emphasis, headings, table cells or markup."""
+    text = str(text).replace("\\", "\\\\").replace("\r", " ").replace("\n", " ")
+    text = "".join(f"\\{c}" if c in _MD_SPECIAL else c for c in text)
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _md_para(text: str) -> str:
+    """A paragraph's text: literal (:func:`_md_text`), and never a list item or a quote."""
+    return re.sub(r"^(\s*)([-+]|\d+\.)", r"\1\\\2", _md_text(text))
+
+
 def _md_cell(text: str) -> str:
-    text = text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
-    return text.replace("<", "&lt;").replace(">", "&gt;")
+    return _md_text(text)
 
 
 def _md_block(b, out: list[str], files: dict[str, bytes]) -> None:
     if isinstance(b, Para):
-        out += [b.text, ""]
+        out += [_md_para(b.text), ""]
     elif isinstance(b, Note):
         label = {"warning": "Warning", "private": "Site only"}.get(b.kind, "Note")
-        out += [f"> **{label}:** {b.text}", ""]
+        out += [f"> **{label}:** {_md_para(b.text)}", ""]
     elif isinstance(b, Table):
         if b.caption:
-            out += [f"*{b.caption}*", ""]
+            out += [f"*{_md_text(b.caption)}*", ""]
         out.append("| " + " | ".join(_md_cell(h) or " " for h in b.header) + " |")
         out.append("|" + "|".join("---" for _ in b.header) + "|")
         out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in b.rows]
         out.append("")
     elif isinstance(b, Figure):
         files[b.name] = b.png
-        out += [f"![{b.alt}]({b.name})", ""]
+        out += [f"![{_md_text(b.alt)}]({b.name})", ""]
         if b.caption:
-            out += [f"*{b.caption}*", ""]
+            out += [f"*{_md_text(b.caption)}*", ""]
     elif isinstance(b, Gallery):
         for f in b.figures:
             _md_block(f, out, files)
     elif isinstance(b, Details):
-        out += [f"**{b.summary}**", ""]
+        out += [f"**{_md_text(b.summary)}**", ""]
         for x in b.blocks:
             _md_block(x, out, files)
     else:  # pragma: no cover
@@ -175,11 +192,11 @@ def _md_block(b, out: list[str], files: dict[str, bytes]) -> None:
 
 def render_markdown(doc: Document) -> tuple[str, dict[str, bytes]]:
     """The Markdown text and the PNG files it links to (name -> bytes)."""
-    out, files = [f"# {doc.title}", "", doc.subtitle, ""], {}
+    out, files = [f"# {_md_text(doc.title)}", "", _md_para(doc.subtitle), ""], {}
     if doc.banner:
         _md_block(doc.banner, out, files)
     for s in doc.sections:
-        out += [f"## {s.title}", ""]
+        out += [f"## {_md_text(s.title)}", ""]
         for b in s.blocks:
             _md_block(b, out, files)
     return "\n".join(out).rstrip() + "\n", files

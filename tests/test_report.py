@@ -333,3 +333,35 @@ def test_stopped_run_with_dropped_and_failing_sites(run, tmp_path):
     assert row[1:] == ["phantom-1", "phantom-1", "phantom-0: rejected train reply: no 'probs' record"]
     assert reason in page.sections["problems"] and reason in page.sections["run"]
     assert "No final test scores" in page.sections["final"]
+
+
+def test_markdown_report_renders_site_strings_literally():
+    """A site name or reason carrying Markdown or HTML (links, images, markup, table pipes, list or
+    heading starts) is shown as text in every kind of block, never interpreted."""
+    from ops.document import Details, Document, Figure, Note, Para, Section, Table, render_markdown
+
+    evil = "C1 [click](http://x) ![i](http://y) <script>alert(1)</script> **b** | `c` # h"
+    doc = Document(
+        evil,
+        "- " + evil,
+        [
+            Section(
+                "a",
+                evil,
+                [
+                    Para("1. " + evil),
+                    Note(evil, "warning"),
+                    Table(["site"], [[evil]], caption=evil),
+                    Figure("f.png", b"png", evil, caption=evil),
+                    Details(evil, [Para(evil)]),
+                ],
+            )
+        ],
+    )
+    text, _ = render_markdown(doc)
+    for bad in ("[click]", "![i]", "<script>", "**b**", "`c`", "| `c`"):
+        assert bad not in text, bad
+    assert "\\[click\\]" in text and "&lt;script&gt;" in text and "\\*\\*b\\*\\*" in text
+    assert not any(line.startswith(("- ", "1. ")) for line in text.splitlines())
+    body = [line for line in text.splitlines() if line.startswith("| C1")]
+    assert len(body) == 1 and body[0].count(" | ") == 0  # one cell: the pipe is escaped
