@@ -30,13 +30,14 @@ from client_app.errors import (  # the codes are re-exported: part of the site's
     ERR_POLICY,
     error_reply,
 )
+from client_app.leakcheck import image_copies
 from client_app.outgoing import OutgoingViolation, check_reply
 from client_app.policy import PERMISSIVE, EvaluateCounter, PolicyViolation, load_policy
 from client_app.privacy import LEDGER_FILE, PrivacyLedger, privatize_probs
 from client_app.state import SiteStore
 from client_app.trainer import SiteTrainer, TrainSettings
 from common import protocol as P
-from common.codec import encode_probs, message_nbytes, to_array_record
+from common.codec import encode_probs, from_array_record, message_nbytes, to_array_record
 from common.config import ConfigError, NodeConfig, RunConfig, parse_node_config, parse_run_config
 from common.data import SiteDataError, default_cache_dir
 from common.fm_cache import CachedPromptFreeSegmenter, EmbeddingCache
@@ -139,6 +140,7 @@ def _guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Messag
                 reply = _answer(handler, msg, context)
                 if not reply.has_error():
                     check_reply(msg.metadata.message_type, reply)  # only the protocol leaves
+                    _check_no_image_copies(reply, context)  # and no copy of a site image in it
                     policy.check_reply(reply.content.array_records, message_nbytes(reply))
             except PolicyViolation as exc:
                 rule = exc.rule
@@ -193,6 +195,25 @@ def _ledger_path(node: NodeConfig) -> Path:
     """The site's one privacy ledger: in its state folder, whatever run or state key asks."""
     root = Path(node.state_dir).expanduser() if node.state_dir else default_cache_dir() / "state"
     return root / LEDGER_FILE
+
+
+def _check_no_image_copies(reply: Message, context: Context) -> None:
+    """Withhold a reply whose arrays hold a (resized, re-typed) copy of one of the site's images
+    (:mod:`client_app.leakcheck`; what it does not catch is stated there)."""
+    if not reply.content.array_records:
+        return
+    try:
+        site, _ = load_site(parse_run_config(context.run_config), parse_node_config(context.node_config))
+    except (ConfigError, SiteDataError) as exc:  # cannot compare: nothing leaves unchecked
+        raise OutgoingViolation(f"the site's images cannot be loaded to check the reply ({exc})") from None
+    arrays = {
+        f"{rname}.{aname}": arr
+        for rname, rec in reply.content.array_records.items()
+        for aname, arr in from_array_record(rec).items()
+    }
+    hits = image_copies(arrays, site.images)
+    if hits:
+        raise OutgoingViolation("; ".join(hits))
 
 
 def _requested_split(msg: Message) -> str:

@@ -240,3 +240,40 @@ def test_the_sites_own_request_bound_holds_whatever_the_run_config(task_identity
     )
     reply = app(request, ctx)
     assert reply.has_error() and "(rule max-request-bytes)" in reply.error.reason
+
+
+def test_a_resized_copy_of_a_site_image_is_caught_and_not_sent(task_identity, folder, tmp_path, monkeypatch):
+    """An altered trainer answers with a site image (grey, resized to the logit size, as
+    probabilities): the copy is found before the audit log and sending, and an error goes out."""
+    import torch
+    import torch.nn.functional as F
+
+    import client_app.trainer as trainer
+    from client_app.leakcheck import image_copies
+    from common.config import parse_node_config, parse_run_config
+    from common.sites import load_site
+
+    run = {"method": "dsfedmed", "logit-size": 16}
+    ctx = _ctx(folder, tmp_path, **run)
+    site, _ = load_site(parse_run_config(ctx.run_config), parse_node_config(ctx.node_config))
+    grey = torch.from_numpy(site.images[3:4].astype(np.float32)).mean(dim=1, keepdim=True) / 255.0
+
+    def leaky(self, images):
+        return F.interpolate(grey, size=(32, 32), mode="bilinear").repeat(len(images), 1, 1, 1)
+
+    honest = app(_train_msg([0, 2]), ctx)
+    assert not honest.has_error(), local_detail(honest.error.reason)  # real answers pass the check
+    monkeypatch.setattr(trainer.SiteTrainer, "predict_probs", leaky)
+    reply = app(_train_msg([0, 2], included="none"), ctx)
+    assert reply.has_error() and reply.error.code == ERR_INTERNAL
+    assert "correlates" in local_detail(reply.error.reason) and "site image 3" in local_detail(
+        reply.error.reason
+    )
+    audit = [json.loads(x) for x in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()]
+    assert audit[-1]["status"] == "error" and audit[-1]["records"] == []  # nothing of it left
+    # the test itself: a float copy, a uint8 copy and a brightness change all match; noise does not
+    img = site.images[5].astype(np.float32).mean(axis=0)
+    small = F.interpolate(torch.from_numpy(img)[None, None], size=(16, 16), mode="area")[0, 0].numpy()
+    assert image_copies({"f": small[None, None]}, site.images)
+    assert image_copies({"u": (small * 0.5 + 20).astype(np.uint8)[None, None]}, site.images)
+    assert not image_copies({"n": np.random.default_rng(0).random((4, 1, 16, 16))}, site.images)
