@@ -11,6 +11,7 @@ from cli.predict import predict
 from cli.preflight import preflight_app
 from cli.provision import provision
 from cli.report import report
+from cli.site import site_app
 
 app = typer.Typer(
     name="dsfedmed",
@@ -22,6 +23,7 @@ app = typer.Typer(
 app.add_typer(bench_app, name="bench")
 app.add_typer(deploy_app, name="deploy")
 app.add_typer(preflight_app, name="preflight")
+app.add_typer(site_app, name="site")
 app.command("provision")(provision)
 app.command("report")(report)
 app.command("predict")(predict)

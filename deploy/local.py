@@ -9,6 +9,9 @@ What it starts (all on loopback, each in its own session, logs under ``<work>/lo
     flwr supernode register <keys>/sites/<site>/node.pub   (one per site, before it connects)
     flower-supernode   --root-certificates ca.crt  --auth-supernode-private-key node.key
                        --node-config "site-name=... data-dir=... model=..."  --port <free>
+                       --isolation process  --superexec-auth-secret-file <site>/superexec.secret
+    dsfedmed site exec --allow-list <work>/allowed-fabs.txt  (the site's own launcher: it runs
+                       only app bundles on the list; the trial allows the app it runs)
     flwr run <app> dsfedmed-trial --stream --run-config ...     (FLWR_HOME=<work>/flwr-home)
 
 A SuperNode only opens an outbound connection to the SuperLink port, as at a real site.
@@ -107,6 +110,10 @@ class TrialConfig(BaseModel):
     # how often a SuperNode retries a lost SuperLink before it gives up (a refused key fails fast;
     # a trial that restarts its SuperLink wants more)
     supernode_max_retries: int = Field(3, ge=1)
+    # each site runs its tasks through its own launcher (`dsfedmed site exec`), which runs only app
+    # bundles on the allow-list; None = allow exactly the app this trial runs (app_dir)
+    pin_app: bool = True
+    allowed_fabs: list[str] | None = None
 
     @model_validator(mode="after")
     def _unique_sites(self) -> TrialConfig:
@@ -210,6 +217,20 @@ class LocalTrial:
         self.node_ids[site.name] = node_id
         return node_id
 
+    def allow_list(self) -> Path:
+        """The trial's allow-list: the app it runs (or ``cfg.allowed_fabs``), written once."""
+        from deploy.site_exec import allow
+
+        path = self.work / "allowed-fabs.txt"
+        if not path.exists():
+            for source in (
+                self.cfg.allowed_fabs if self.cfg.allowed_fabs is not None else [str(self.cfg.app_dir)]
+            ):
+                allow(path, source, note="allowed by the local trial")
+            if not path.exists():  # an empty list: every bundle is refused
+                path.write_text("# nothing allowed\n")
+        return path
+
     def start_supernode(self, site: SiteSpec) -> None:
         keys = self.keys
         probe = probe_superlink(self.address, keys / "sites" / site.name / "ca.crt")
@@ -218,19 +239,41 @@ class LocalTrial:
         state = self.work / "sites" / site.name
         state.mkdir(parents=True, exist_ok=True)
         log = self.logs / f"supernode-{site.name}.log"
+        port = free_port()
         cmd = [
             str(BIN / "flower-supernode"),
             "--superlink", self.address,
             "--root-certificates", str(keys / "sites" / site.name / "ca.crt"),
             "--auth-supernode-private-key", str(keys / "sites" / site.name / "node.key"),
             "--node-config", site.node_config(state / "state"),
-            "--isolation", "subprocess",
             "--host", "127.0.0.1",
-            "--port", str(free_port()),
+            "--port", str(port),
             "--max-retries", str(self.cfg.supernode_max_retries),
         ]  # fmt: skip
+        if self.cfg.pin_app:
+            secret = state / "superexec.secret"
+            if not secret.exists():
+                fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                os.write(fd, os.urandom(32).hex().encode())
+                os.close(fd)
+            cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
+        else:
+            cmd += ["--isolation", "subprocess"]
         self.echo(f"SuperNode {site.name} ({site.data_dir or f'phantom site {site.phantom_id}'}), log {log}")
-        self.procs[f"supernode-{site.name}"] = start(cmd, log, self.env, cwd=state)
+        node = self.procs[f"supernode-{site.name}"] = start(cmd, log, self.env, cwd=state)
+        if self.cfg.pin_app:
+            exec_cmd = [
+                str(BIN / "dsfedmed"), "site", "exec",
+                "--allow-list", str(self.allow_list()),
+                "--runtime-api-address", f"127.0.0.1:{port}",
+                "--superexec-auth-secret-file", str(state / "superexec.secret"),
+                "--audit-log", str(state / "state" / "audit.jsonl"),
+                "--site-name", site.name,
+                "--parent-pid", str(node.pid),
+            ]  # fmt: skip
+            self.procs[f"exec-{site.name}"] = start(
+                exec_cmd, self.logs / f"exec-{site.name}.log", self.env, cwd=state
+            )
 
     def start(self) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -330,12 +373,16 @@ class LocalTrial:
     def kill(self, key: str) -> None:
         """SIGKILL one of the trial's processes and its group (``superlink``, ``supernode-<site>``):
         a crash, not a shutdown."""
-        proc = self.procs.pop(key)
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=30)
+        keys = [key] + ([f"exec-{key.removeprefix('supernode-')}"] if key.startswith("supernode-") else [])
+        for k in keys:  # a site's launcher goes with its SuperNode
+            proc = self.procs.pop(k, None)
+            if proc is None:
+                continue
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=30)
 
     def restart_site(self, name: str) -> None:
         """Start a site's SuperNode again (same key, same node config, same state folder)."""
@@ -347,9 +394,10 @@ class LocalTrial:
 
     # --- tear-down ---------------------------------------------------------------------------
     def stop_site(self, name: str) -> None:
-        proc = self.procs.pop(f"supernode-{name}", None)
-        if proc is not None:
-            stop_group(proc, grace_s=5)
+        for key in (f"exec-{name}", f"supernode-{name}"):
+            proc = self.procs.pop(key, None)
+            if proc is not None:
+                stop_group(proc, grace_s=5)
 
     def stop(self) -> None:
         """Stop every process this trial started, by PID: SuperNodes first, then the SuperLink."""
