@@ -7,7 +7,8 @@
     node.key             this site's private key (OpenSSH, ECDSA P-384), 0600
     node.pub             its public key (what the SuperLink registers)
     node-config.toml     the SuperNode's node config (data-dir, site-name, model, state-dir, ...)
-    start-supernode.sh   the exact flower-supernode command line
+    start-supernode.sh   the exact flower-supernode command line and the site's launcher
+    allowed-fabs.txt     the app bundles the site runs (empty until the site allows one)
     site.env             variables for docker compose
     policy.toml          the site's policy, permissive defaults to tighten
     README.md            for the site's operator: the files, what stays private, the commands
@@ -37,6 +38,7 @@ KIT_FILES = (
     "node.pub",
     "node-config.toml",
     "start-supernode.sh",
+    "allowed-fabs.txt",
     "site.env",
     "policy.toml",
     "README.md",
@@ -72,20 +74,45 @@ class Kit:
 
 
 def supernode_command(
-    superlink: str, ca: str | Path, key: str | Path, node_config: str | Path, port: int = RUNTIME_PORT
+    superlink: str,
+    ca: str | Path,
+    key: str | Path,
+    node_config: str | Path,
+    port: int = RUNTIME_PORT,
+    secret: str | Path = "exec.secret",
 ) -> list[str]:
     """The ``flower-supernode`` (Flower 1.42) command line of a deployed site: TLS verified against
     the CA, requests signed with the site key, the node config from a TOML file (Flower reads a
-    ``--node-config`` ending in ``.toml`` as a file), the ClientApp in a subprocess."""
+    ``--node-config`` ending in ``.toml`` as a file), its tasks left to the site's own launcher
+    (``--isolation process``, :func:`exec_command`) that shares ``secret`` with it."""
     return [
         "flower-supernode",
         "--superlink", superlink,
         "--root-certificates", str(ca),
         "--auth-supernode-private-key", str(key),
         "--node-config", str(node_config),
-        "--isolation", "subprocess",
+        "--isolation", "process",
+        "--superexec-auth-secret-file", str(secret),
         "--host", "127.0.0.1",
         "--port", str(port),
+    ]  # fmt: skip
+
+
+def exec_command(
+    allow_list: str | Path,
+    audit_log: str,
+    site: str,
+    port: int = RUNTIME_PORT,
+    secret: str | Path = "exec.secret",
+) -> list[str]:
+    """The site's launcher (``dsfedmed site exec``): runs the SuperNode's tasks from allowed bundles only."""
+    return [
+        "dsfedmed", "site", "exec",
+        "--allow-list", str(allow_list),
+        "--runtime-api-address", f"127.0.0.1:{port}",
+        "--superexec-auth-secret-file", str(secret),
+        "--audit-log", audit_log,
+        "--site-name", site,
     ]  # fmt: skip
 
 
@@ -226,7 +253,8 @@ there; edit them if you put it elsewhere).
 | `node.key` | this site's private key: the SuperNode signs its requests with it | **yes: never copy it off this site; mode 0600** |
 | `node.pub` | its public key, registered with the SuperLink by the coordinating site | public |
 | `node-config.toml` | the SuperNode's node config (data folder, site name, model, state, audit log, policy) | site-internal |
-| `start-supernode.sh` | the exact `flower-supernode` command line | site-internal |
+| `start-supernode.sh` | the exact `flower-supernode` command line and the site's task launcher (`dsfedmed site exec`) | site-internal |
+| `allowed-fabs.txt` | the app bundles this site runs (empty: allow the reviewed bundle first) | site-internal |
 | `site.env` | the same settings as docker compose variables | site-internal |
 | `policy.toml` | what this site agrees to do and send; permissive defaults, tighten as needed | site-internal |
 | `kit.json` | fingerprints (CA {meta["ca"]["sha256"][:23]}..., site key {meta["site_key"]["ssh_fingerprint"]}), CA expiry ({meta["ca"]["not_after"][:10]}) | public |
@@ -250,7 +278,16 @@ It checks the data folder (every file, class balance, sizes), that the model bui
 package versions, free disk, the CA certificate's validity, the key and its permissions, and that
 the SuperLink answers and its certificate verifies. Exit code 0: ready; 1: fix the `fail` rows first.
 
-## 2. Start the SuperNode
+## 2. Allow the app bundle you reviewed
+
+The site runs only app bundles on `allowed-fabs.txt`; any other is refused before any of its code
+is installed. After reviewing the bundle the coordinator will run (`flwr build` makes the `.fab`):
+
+```bash
+dsfedmed site allow dsfedmed.fab --allow-list {install}/allowed-fabs.txt --note "reviewed <date>"
+```
+
+## 3. Start the SuperNode and the site's launcher
 
 ```bash
 sh {install}/start-supernode.sh
@@ -262,7 +299,7 @@ which runs (nothing listens on the network: the SuperNode only connects out to `
 {cmd_here}
 ```
 
-## 3. Audit what the site sent
+## 4. Audit what the site sent
 
 Every reply the site sends is logged, one JSON line each, in `{node.audit_log}`:
 
@@ -367,14 +404,27 @@ def _make_kit(keys_dir: Path, out: Path, spec: KitSpec) -> Kit:
     _write(kit / "site.env", _site_env(spec, address, install, spec.data_dir).encode(), private=False)
 
     script_cmd = supernode_command(address, "ca.pem", "node.key", "node-config.toml", spec.runtime_port)
+    launcher = exec_command("allowed-fabs.txt", node.audit_log, spec.site, spec.runtime_port)
     env = " ".join(f"{k}={v}" for k, v in ENV.items())
     script = (
         "#!/bin/sh\n"
-        f"# Start site {spec.site}'s SuperNode with this kit (made by `dsfedmed provision`).\n"
+        f"# Start site {spec.site}'s SuperNode and the site's own task launcher with this kit (made by\n"
+        "# `dsfedmed provision`). The launcher runs only app bundles on allowed-fabs.txt\n"
+        "# (`dsfedmed site allow <app.fab> --allow-list allowed-fabs.txt` after review).\n"
         f'# Check first: dsfedmed preflight site --kit "$(dirname "$0")"\n'
-        f'cd "$(dirname "$0")" && exec env {env} {shlex.join(script_cmd)}\n'
+        'cd "$(dirname "$0")" || exit 1\n'
+        "umask 077\n"
+        '[ -s exec.secret ] || python3 -c "import secrets; print(secrets.token_hex(32))" > exec.secret\n'
+        f"env {env} {shlex.join(script_cmd)} &\n"
+        f'exec env {env} {shlex.join(launcher)} --parent-pid "$!"\n'
     )
     _write(kit / "start-supernode.sh", script.encode(), private=False)
+    _write(
+        kit / "allowed-fabs.txt",
+        b"# app bundles (FAB SHA-256) this site runs, one per line: `dsfedmed site allow <app.fab>`\n"
+        b"# empty: every bundle is refused until the site has reviewed and allowed one\n",
+        private=True,
+    )
     os.chmod(kit / "start-supernode.sh", 0o755)
 
     meta = {

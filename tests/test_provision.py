@@ -4,6 +4,7 @@ CA key or another site's key; a kit then passes `dsfedmed preflight site --kit`.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import stat
 import subprocess
@@ -166,10 +167,27 @@ def test_supernode_command_uses_the_kit_paths_and_flower_flags(keys, tmp_path):
 
     script = (kit / "start-supernode.sh").read_text()
     assert subprocess.run(["sh", "-n", str(kit / "start-supernode.sh")]).returncode == 0
-    run_line = [ln for ln in script.splitlines() if ln and not ln.startswith("#")]
-    assert len(run_line) == 1 and "flower-supernode --superlink localhost:8000" in run_line[0]
-    script_cmd = shlex.split(run_line[0].split("flower-supernode", 1)[1])
+    lines = [ln for ln in script.splitlines() if ln and not ln.startswith("#")]
+    node_line = next(ln for ln in lines if "flower-supernode --superlink localhost:8000" in ln)
+    script_cmd = shlex.split(node_line.split("flower-supernode", 1)[1].rstrip("&"))
     assert script_cmd[script_cmd.index("--root-certificates") + 1] == "ca.pem"  # relative to the kit (cd)
+    # the SuperNode leaves its tasks to the site's own launcher, which shares its secret and port
+    assert script_cmd[script_cmd.index("--isolation") + 1] == "process"
+    exec_line = lines[-1]
+    assert (
+        exec_line.startswith("exec env") and "dsfedmed site exec --allow-list allowed-fabs.txt" in exec_line
+    )
+    assert (
+        "--runtime-api-address 127.0.0.1:9094" in exec_line
+        and "--superexec-auth-secret-file exec.secret" in exec_line
+    )
+    assert (kit / "allowed-fabs.txt").read_text().startswith("# app bundles")
+    site_help = subprocess.run(
+        [str(Path(sys.executable).parent / "dsfedmed"), "site", "exec", "--help"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "300"},
+    ).stdout  # fmt: skip
+    for flag in (a for a in shlex.split(exec_line) if a.startswith("--")):
+        assert flag in site_help, flag
     # every flag is one Flower 1.42's flower-supernode knows
     help_text = subprocess.run(
         [str(Path(sys.executable).parent / "flower-supernode"), "--help"],
