@@ -1,17 +1,15 @@
 """Flower ClientApp: thin handlers that translate Messages to :class:`SiteTrainer` calls.
 
 Every handler parses the run and node config once, sets threads and device, loads the site's data
-(cached), and answers either with the records documented in :mod:`common.protocol` or with an
-error reply whose reason says what is wrong and where (bad config, unusable data, weights that do
-not fit).  Only weights, metrics and the profile leave the site; never images or masks.
+(cached), and answers with the records documented in :mod:`common.protocol`. What surrounds every
+handler (the site's policy, size bounds, error replies, the reply checks and the audit log) is in
+:mod:`client_app.guard`. Only weights, metrics and the profile leave the site; never images or masks.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import traceback
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,54 +18,42 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client_app.audit import AuditLog, audit_path
-from client_app.errors import (  # the codes are re-exported: part of the site's API
+from client_app.errors import (  # noqa: F401 - the codes are re-exported: part of the site's API
     ERR_AUDIT,
     ERR_CONFIG,
     ERR_DATA,
     ERR_INTERNAL,
     ERR_PAYLOAD,
     ERR_POLICY,
-    error_reply,
+    PayloadError,
+    PoolMissing,
 )
-from client_app.leakcheck import image_copies
-from client_app.outgoing import OutgoingViolation, check_reply
-from client_app.policy import PERMISSIVE, EvaluateCounter, PolicyViolation, load_policy
-from client_app.privacy import LEDGER_FILE, PrivacyLedger, privatize_probs
+from client_app.guard import guarded, ledger_path
+from client_app.policy import load_policy
+from client_app.privacy import PrivacyLedger, privatize_probs
 from client_app.state import SiteStore
 from client_app.trainer import SiteTrainer, TrainSettings
 from common import protocol as P
-from common.codec import encode_probs, from_array_record, message_nbytes, to_array_record
-from common.config import ConfigError, NodeConfig, RunConfig, parse_node_config, parse_run_config
-from common.data import SiteDataError, default_cache_dir
+from common.codec import encode_probs, to_array_record
+from common.config import NodeConfig, RunConfig, parse_node_config, parse_run_config
+from common.data import default_cache_dir
 from common.fm_cache import CachedPromptFreeSegmenter, EmbeddingCache
 from common.foundation import PromptFreeSegmenter, fm_checkpoint_id, load_foundation_model
 from common.generator import DPSGD, generator_config_from_run, train_generator
 from common.losses import DistillWeights
 from common.runtime import configure_threads, package_versions, resolve_device, setup_logging
-from common.sites import check_no_server_paths, load_site, resolve_site
+from common.sites import check_no_server_paths, load_site
 from common.transforms import resize_pairs
 from common.validation import (
     PayloadInvalid,
     check_pool,
     check_pool_record,
     check_probs_record,
-    check_request_bytes,
     decode_record,
-    record_nbytes,
 )
 
 log = logging.getLogger("dsfedmed.client")
 app = ClientApp()
-
-
-class PayloadError(ValueError):
-    """The server's message lacks a record or holds something that does not fit."""
-
-
-class PoolMissing(PayloadError):
-    """The request refers to a synthetic pool this site does not hold intact (error code
-    :data:`common.protocol.ERR_NO_POOL`: the server resends it)."""
 
 
 def _setup(context: Context) -> tuple[RunConfig, NodeConfig]:
@@ -113,132 +99,6 @@ def _own_model(run: RunConfig) -> bool:
     return run.method == "dsfedmed" and run.exchange == "logits"
 
 
-def _guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
-    """Every reply passes here: the site's policy is checked before the handler runs and on what it
-    answers, known failures become error replies that name the problem (the server logs them), and
-    the reply is written to the site's audit log before it leaves (no log, no reply)."""
-
-    def wrapper(msg: Message, context: Context) -> Message:
-        site, policy, audit, reply = "?", PERMISSIVE, AuditLog(None), None
-        rule = "ok"
-        try:
-            node = parse_node_config(context.node_config)
-            audit = AuditLog(audit_path(node))
-            site = _site_name(context, node)
-            policy = load_policy(node.policy_file)
-        except ConfigError as exc:
-            reply = _error(msg, ERR_CONFIG, f"configuration error: {exc}")
-        if reply is None:
-            try:
-                policy.check_request(msg.metadata.message_type)
-                policy.check_request_size(sum(record_nbytes(r) for r in msg.content.array_records.values()))
-                if msg.metadata.message_type == P.MSG_EVALUATE:
-                    policy.check_evaluate(_requested_split(msg), _evaluate_counter(node), int(context.run_id))
-                if msg.metadata.message_type == P.MSG_TRAIN and policy.dp.enabled:
-                    run = parse_run_config(context.run_config)  # refused before any work, not only after
-                    policy.check_dp_run(run.method, run.exchange)
-                reply = _answer(handler, msg, context)
-                if not reply.has_error():
-                    check_reply(msg.metadata.message_type, reply)  # only the protocol leaves
-                    _check_no_image_copies(reply, context)  # and no copy of a site image in it
-                    policy.check_reply(reply.content.array_records, message_nbytes(reply))
-            except PolicyViolation as exc:
-                rule = exc.rule
-                reply = error_reply(msg, ERR_POLICY, str(exc), rule=exc.rule)
-            except OutgoingViolation as exc:
-                rule = "protocol"
-                reply = error_reply(msg, ERR_INTERNAL, f"reply withheld: {exc}")
-            except ConfigError as exc:  # e.g. a damaged evaluate counter: nothing is answered blind
-                reply = _error(msg, ERR_CONFIG, f"configuration error: {exc}")
-        try:
-            audit.record(msg, reply, run_id=context.run_id, site=site, policy=rule)
-        except OSError as exc:
-            reply = _error(
-                msg,
-                ERR_AUDIT,
-                f"the site's audit log {audit.path} cannot be written ({exc}); nothing is sent without it",
-            )
-        return reply
-
-    wrapper.__name__ = handler.__name__
-    wrapper.__doc__ = handler.__doc__
-    return wrapper
-
-
-def _answer(handler: Callable[[Message, Context], Message], msg: Message, context: Context) -> Message:
-    try:
-        _check_request(msg, context)
-        return handler(msg, context)
-    except PolicyViolation:
-        raise
-    except ConfigError as exc:
-        return _error(msg, ERR_CONFIG, f"configuration error: {exc}")
-    except SiteDataError as exc:
-        return _error(msg, ERR_DATA, f"site data error: {exc}")
-    except PoolMissing as exc:
-        return _error(msg, P.ERR_NO_POOL, str(exc))
-    except (PayloadError, ValueError, KeyError) as exc:
-        return _error(msg, ERR_PAYLOAD, f"bad request payload: {exc}")
-    except Exception as exc:  # noqa: BLE001 - any other failure still gets a clear reply
-        log.error("handler %s failed:\n%s", msg.metadata.message_type, traceback.format_exc())
-        return _error(msg, ERR_INTERNAL, f"{type(exc).__name__}: {exc}")
-
-
-def _check_request(msg: Message, context: Context) -> None:
-    """The size gate every request passes before a handler decodes it: a pool or soft targets larger
-    than the run config allows (:func:`common.validation.check_request_bytes`) is refused unread."""
-    if msg.content.array_records:
-        check_request_bytes(msg.content, parse_run_config(context.run_config))
-
-
-def _ledger_path(node: NodeConfig) -> Path:
-    """The site's one privacy ledger: in its state folder, whatever run or state key asks."""
-    root = Path(node.state_dir).expanduser() if node.state_dir else default_cache_dir() / "state"
-    return root / LEDGER_FILE
-
-
-def _check_no_image_copies(reply: Message, context: Context) -> None:
-    """Withhold a reply whose arrays hold a (resized, re-typed) copy of one of the site's images
-    (:mod:`client_app.leakcheck`; what it does not catch is stated there)."""
-    if not reply.content.array_records:
-        return
-    try:
-        site, _ = load_site(parse_run_config(context.run_config), parse_node_config(context.node_config))
-    except (ConfigError, SiteDataError) as exc:  # cannot compare: nothing leaves unchecked
-        raise OutgoingViolation(f"the site's images cannot be loaded to check the reply ({exc})") from None
-    arrays = {
-        f"{rname}.{aname}": arr
-        for rname, rec in reply.content.array_records.items()
-        for aname, arr in from_array_record(rec).items()
-    }
-    hits = image_copies(arrays, site.images)
-    if hits:
-        raise OutgoingViolation("; ".join(hits))
-
-
-def _requested_split(msg: Message) -> str:
-    cfg = msg.content.config_records.get(P.KEY_CONFIG)
-    return str(cfg.get(P.CFG_SPLIT, "val")) if cfg is not None else "val"
-
-
-def _evaluate_counter(node: NodeConfig) -> EvaluateCounter:
-    root = Path(node.state_dir).expanduser() if node.state_dir else default_cache_dir() / "state"
-    return EvaluateCounter(root / "evaluate-requests.json")
-
-
-def _site_name(context: Context, node: NodeConfig) -> str:
-    """The site's name for the audit log, without loading its data."""
-    try:
-        return resolve_site(parse_run_config(context.run_config), node).name
-    except (ConfigError, SiteDataError):
-        return node.site_name or "?"
-
-
-def _error(msg: Message, code: int, detail: str) -> Message:
-    """An error reply: the code and a fixed sentence leave the site; ``detail`` stays in its log."""
-    return error_reply(msg, code, detail)
-
-
 def _state_key(msg: Message, context: Context) -> int:
     """The name this run's site state is kept under: the server's state key (a resumed run keeps
     the interrupted run's), else this Flower run's id."""
@@ -264,7 +124,7 @@ def _weights(msg: Message) -> dict:
 
 
 @app.query("profile")
-@_guarded
+@guarded
 def query_profile(msg: Message, context: Context) -> Message:
     """Report what the server needs to check the federation is consistent (no image data)."""
     run, node = _setup(context)
@@ -291,7 +151,7 @@ def query_profile(msg: Message, context: Context) -> Message:
 
 
 @app.train()
-@_guarded
+@guarded
 def train(msg: Message, context: Context) -> Message:
     """FedAvg (and fedfm) local training: load global weights, train, return weights + metrics."""
     run, node = _setup(context)
@@ -319,7 +179,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
-@_guarded
+@guarded
 def evaluate(msg: Message, context: Context) -> Message:
     """Dice/IoU of the received weights on the requested split of this site's data."""
     run, node = _setup(context)
@@ -355,7 +215,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 @app.train("generator")
-@_guarded
+@guarded
 def train_generator_handler(msg: Message, context: Context) -> Message:
     """Train the site's mask-conditioned diffusion generator on its private training pairs.
 
@@ -376,7 +236,7 @@ def train_generator_handler(msg: Message, context: Context) -> Message:
         dp=DPSGD(gdp.noise_multiplier, gdp.max_grad_norm, gdp.delta) if gdp.enabled else None,
     )
     if gdp.enabled:  # its ε joins the site's own ledger; past the site's budget nothing leaves
-        stats["dp_epsilon_total"] = PrivacyLedger(_ledger_path(node)).charge_generator(
+        stats["dp_epsilon_total"] = PrivacyLedger(ledger_path(node)).charge_generator(
             policy.dp, float(stats["dp_epsilon"]), gdp.delta, gdp.noise_multiplier, int(context.run_id)
         )
     if run.gen_upload_dtype == "float16":  # half the bytes; the server's sampler casts them back
@@ -428,7 +288,7 @@ def _pool_arrays(
 
 
 @app.evaluate("pool")
-@_guarded
+@guarded
 def evaluate_pool(msg: Message, context: Context) -> Message:
     """Score the synthetic pool against this site's real validation data, and cache the pool."""
     run, node = _setup(context)
@@ -539,7 +399,7 @@ def _site_probs(probs: torch.Tensor, run: RunConfig, node: NodeConfig, rnd: int,
     eps = None
     if dp.enabled:
         probs = torch.nn.functional.interpolate(probs.float(), size=(run.logit_size,) * 2, mode="area")
-        eps = PrivacyLedger(_ledger_path(node)).charge(dp, rnd, len(probs), run_id)
+        eps = PrivacyLedger(ledger_path(node)).charge(dp, rnd, len(probs), run_id)
         gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
         probs = privatize_probs(probs, dp, gen)
         log.info(

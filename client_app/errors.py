@@ -67,3 +67,12 @@ def local_detail(reason: str) -> str:
     """What the site logged for the incident named in an error reply's reason ('' if unknown here)."""
     incident = incident_of(reason)
     return _DETAILS.get(incident, "") if incident else ""
+
+
+class PayloadError(ValueError):
+    """The server's message lacks a record or holds something that does not fit."""
+
+
+class PoolMissing(PayloadError):
+    """The request refers to a synthetic pool this site does not hold intact (error code
+    :data:`common.protocol.ERR_NO_POOL`: the server resends it)."""
