@@ -60,6 +60,9 @@ def exec_cmd(
     parent_pid: Annotated[
         int | None, typer.Option(help="exit when this process (the SuperNode) ends")
     ] = None,
+    warm: Annotated[
+        bool, typer.Option(help="fork each task from this process, which imported torch/MONAI/Flower once")
+    ] = True,
 ) -> None:
     """Run the SuperNode's ClientApp tasks (start it with --isolation process) from allowed app
     bundles only; any other bundle is refused with an error reply and an audit entry."""
@@ -76,6 +79,7 @@ def exec_cmd(
             parent_pid=parent_pid,
             audit_log=audit_log,
             site=site_name,
+            warm=warm,
         )
     except AllowListError as exc:
         raise _fail(str(exc)) from exc

@@ -1,4 +1,5 @@
-"""One allowed ClientApp task, in its own process, started by :mod:`deploy.site_exec`.
+"""One allowed ClientApp task, in its own process, started by :mod:`deploy.site_exec` (forked from
+the warm launcher, :func:`run_task`, or as a fresh interpreter, :func:`main`).
 
 Flower's own ``flwr-clientapp`` runner, with one change made before any bundle is touched: the
 function that installs the task's FAB first checks the SHA-256 of the exact bytes it was handed
@@ -16,15 +17,15 @@ class FabRefused(RuntimeError):
     """The bundle handed to this task is not on the site's allow-list."""
 
 
-def main() -> None:
+def pin_installs(allow_list: str) -> None:
+    """Make Flower's ClientApp runner install only bundles whose bytes hash onto ``allow_list``."""
     from flwr.cli import install as flwr_install
     from flwr.supernode.runtime import run_clientapp as rc
 
     from deploy.site_exec import REFUSED, read_allow_list
 
-    allow_list = os.environ["DSFEDMED_ALLOW_LIST"]
-    original = rc.install_from_fab
-    if original is not flwr_install.install_from_fab:  # the runner changed: refuse to guess
+    original = flwr_install.install_from_fab
+    if rc.install_from_fab not in (original, getattr(rc, "_dsfedmed_checked", None)):
         raise SystemExit("flwr's ClientApp runner is not the one this launcher was tested with (1.42)")
 
     def checked_install(fab_file, *args, **kwargs):
@@ -33,7 +34,26 @@ def main() -> None:
             raise FabRefused(REFUSED)
         return original(fab_file, *args, **kwargs)
 
-    rc.install_from_fab = checked_install
+    rc.install_from_fab = rc._dsfedmed_checked = checked_install
+
+
+def run_task(address: str, token: str, insecure: bool, certificates: bytes | None, parent_pid: int) -> None:
+    """One task with Flower's own runner (in a process forked from the warm launcher)."""
+    from flwr.supernode.runtime.run_clientapp import run_clientapp
+
+    pin_installs(os.environ["DSFEDMED_ALLOW_LIST"])
+    run_clientapp(
+        runtime_api_address=address,
+        token=token,
+        insecure=insecure,
+        certificates=certificates,
+        parent_pid=parent_pid,
+        runtime_dependency_install=False,
+    )
+
+
+def main() -> None:
+    pin_installs(os.environ["DSFEDMED_ALLOW_LIST"])
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
 
     flwr_clientapp()

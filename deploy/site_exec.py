@@ -133,12 +133,49 @@ def refuse(client, audit_log: str | None, site: str) -> None:
         rc.push_task_output(client, context, SubStatus.FAILED, REFUSED)
 
 
-def _ended(child: subprocess.Popen, token_file: Path) -> bool:
-    """Whether a task's process has ended (then its token file is gone too)."""
-    if child.poll() is None:
+def _ended(child: subprocess.Popen | int, token_file: Path | None) -> bool:
+    """Whether a task's process (a Popen, or a forked pid) has ended; then its token file goes too."""
+    if isinstance(child, int):
+        pid, _ = os.waitpid(child, os.WNOHANG)
+        if pid == 0:
+            return False
+    elif child.poll() is None:
         return False
-    shutil.rmtree(token_file.parent, ignore_errors=True)
+    if token_file is not None:
+        shutil.rmtree(token_file.parent, ignore_errors=True)
     return True
+
+
+def warm_up() -> None:
+    """Import what every task needs (torch, MONAI, Flower's runner; not the app itself, which comes
+    from the bundle) once, in the launcher, before any thread pool exists: each task is then a fork
+    of this process and starts warm. Only libraries the site installed are imported here."""
+    import monai  # noqa: F401
+    import numpy  # noqa: F401
+    import torch  # noqa: F401
+    from flwr.supernode.runtime import run_clientapp  # noqa: F401
+
+    import deploy.site_clientapp  # noqa: F401
+
+
+def _fork_task(address: str, token: str, insecure: bool, certificates: bytes | None) -> int:
+    """Run one allowed task in a forked child of the warm launcher; returns its pid."""
+    parent = os.getpid()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 0
+    try:  # the child: Flower's own runner, installs pinned to the allow-list
+        from deploy.site_clientapp import run_task
+
+        run_task(address, token, insecure, certificates, parent)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:  # noqa: BLE001 - a child never returns into the launcher's loop
+        logging.getLogger("dsfedmed.site_exec").exception("task process failed")
+        code = 1
+    finally:
+        os._exit(code)
 
 
 def run(
@@ -153,8 +190,11 @@ def run(
     site: str = "?",
     poll_s: float = 0.5,
     max_tasks: int | None = None,
+    warm: bool = True,
 ) -> None:
-    """Poll the SuperNode for ClientApp tasks and run or refuse each (forever, or ``max_tasks``)."""
+    """Poll the SuperNode for ClientApp tasks and run or refuse each (forever, or ``max_tasks``).
+    ``warm``: each task is a fork of this process, which imported the libraries once
+    (:func:`warm_up`); else a fresh interpreter per task (what Flower's superexec does)."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest
     from flwr.supercore.app_utils import start_parent_process_monitor
     from flwr.supercore.constant import TaskType
@@ -178,8 +218,14 @@ def run(
         )
     if parent_pid is not None:
         start_parent_process_monitor(parent_pid)
+    if warm:
+        warm_up()
+        os.environ["DSFEDMED_ALLOW_LIST"] = str(Path(allow_list).expanduser().resolve())
+    from flwr.supercore.tls import validate_and_resolve_root_certificates
+
+    certificates = validate_and_resolve_root_certificates(root_certificates, insecure)
     acquirer = _client(runtime_api_address, insecure, root_certificates, interceptors)
-    children: list[tuple[subprocess.Popen, Path]] = []
+    children: list[tuple[subprocess.Popen | int, Path | None]] = []
     done = 0
     tls = (
         ["--insecure"]
@@ -200,6 +246,11 @@ def run(
             allowed = read_allow_list(allow_list)  # re-read: the site may change it while running
             if h and h in allowed:
                 log.info("run %s task %s: app %s is allowed; starting it", task.run_id, task.task_id, h)
+                if warm:
+                    children.append(
+                        (_fork_task(runtime_api_address, res.token, insecure, certificates), None)
+                    )
+                    continue
                 # the token in a 0600 file of a private folder (not on the command line, where
                 # every local user could read it); removed when the task's process ends
                 token_file = Path(tempfile.mkdtemp(prefix="dsfedmed-task-")) / "token"
@@ -239,5 +290,5 @@ def run(
     finally:
         acquirer.close()
         for child, token_file in children:
-            child.wait()
-            _ended(child, token_file)
+            while not _ended(child, token_file):
+                time.sleep(0.2)
