@@ -201,3 +201,23 @@ def _print_table(res: dict) -> None:
 
 def _num(v) -> str:
     return "n/a" if v is None else f"{v:.3f}"
+
+
+@bench_app.command("startup")
+def startup(
+    repeats: Annotated[int, typer.Option(help="runs per figure (the median is reported)")] = 3,
+    out: Annotated[Path, typer.Option(help="where the JSON goes")] = REPO
+    / "bench"
+    / "results"
+    / "startup.json",
+) -> None:
+    """CPU a ClientApp message pays before its handler: the floor (torch + Flower + MONAI), a cold
+    process per message (Flower's subprocess mode), and a fork of the warm site launcher."""
+    from bench.startup import main as measure
+
+    res = measure(out, repeats)
+    console.print(
+        f"floor {res['floor_cpu_s']:.2f} s, cold {res['clientapp_cold_cpu_s']:.2f} s "
+        f"(+{res['clientapp_cold_overhead_cpu_s']:.2f} s over the floor), warm {res['clientapp_warm_cpu_s']:.2f} s "
+        f"CPU per message; load average {res['load_average_at_start'][0]:.1f} on {res['cpu_count']} CPUs -> {out}"
+    )
