@@ -202,6 +202,12 @@ class RunConfig(_Strict):
     logit_dtype: ProbDtype = "uint8"
     # sampling and deadlines
     min_sites: int = Field(2, ge=1)
+    sites_per_round: int = Field(
+        0,
+        ge=0,
+        description="partial participation: train k of the connected sites per round, each about "
+        "equally often (0 = every site)",
+    )
     sampling_deadline_s: float = Field(120.0, gt=0.0)
     round_timeout_s: float = Field(
         900.0, gt=0.0, description="a site's compute time per request; transfer time is added per payload"
@@ -269,6 +275,15 @@ class RunConfig(_Strict):
         known = ("litemedsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b")
         if v not in known:
             raise ValueError(f"unknown fm {v!r}")
+        return v
+
+    @field_validator("sites_per_round")
+    @classmethod
+    def _enough_sampled(cls, v: int, info: Any) -> int:
+        if v and v < info.data.get("min_sites", 1):
+            raise ValueError(
+                f"sites-per-round {v} is below min-sites {info.data.get('min_sites')}: no round could complete"
+            )
         return v
 
     @field_validator("test_fraction")

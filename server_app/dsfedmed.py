@@ -494,6 +494,7 @@ class DSFedMedStrategy(DeadlineFedAvg):
         exchange the global site model."""
         cfg, fed = self.cfg, self.fed
         nodes = fed.wait_for_nodes(cfg.min_sites, cfg.sampling_deadline_s, among=self.train_nodes)
+        nodes = fed.sample(nodes, cfg.sites_per_round, rnd, cfg.seed)  # partial participation
         msgs = []
         for n in nodes:
             tgt = site_targets(

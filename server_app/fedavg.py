@@ -166,6 +166,7 @@ class DeadlineFedAvg(FedAvg):
         nodes = self.fed.wait_for_nodes(
             self.cfg.min_sites, self.cfg.sampling_deadline_s, among=self.train_nodes
         )
+        nodes = self.fed.sample(nodes, self.cfg.sites_per_round, server_round, self.cfg.seed)
         config[P.CFG_ROUND] = server_round
         record = RecordDict({P.KEY_ARRAYS: arrays, P.KEY_CONFIG: config})
         return [self.fed.make(n, P.MSG_TRAIN, record, server_round) for n in nodes]

@@ -9,6 +9,7 @@ Every message that goes out and every reply that comes back is measured with
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -92,6 +93,21 @@ class Federation:
         # replies not in by their deadline: (message id -> node id, kind), booked as "late" when
         # they arrive, so every byte a site sent is counted
         self._late: dict[str, tuple[int, str]] = {}
+        self.participation: dict[str, int] = {}  # site -> rounds it was asked to train in
+
+    def sample(self, nodes: list[int], k: int, rnd: int, seed: int = 0) -> list[int]:
+        """Partial participation: ``k`` of ``nodes`` for round ``rnd`` (all when ``k`` is 0 or not
+        smaller), the sites asked least often so far first, ties broken by a seeded draw, so over a
+        run every site is asked about equally often; the count is of being asked, answered or not."""
+        if k <= 0 or k >= len(nodes):
+            chosen = list(nodes)
+        else:
+            rng = random.Random(seed * 1_000_003 + rnd)
+            order = sorted(nodes, key=lambda n: (self.participation.get(self.site_of(n), 0), rng.random()))
+            chosen = sorted(order[:k])
+        for n in chosen:
+            self.participation[self.site_of(n)] = self.participation.get(self.site_of(n), 0) + 1
+        return chosen
 
     def name_site(self, node_id: int, name: str) -> None:
         """Record a node's site name; traffic booked under its node id moves to the name."""
