@@ -160,7 +160,9 @@ def test_tls_trial_policy_audit_and_crashes_of_a_site_and_the_superlink(tmp_path
     assert set(rows[3]["sites"]) == {"site-0", "site-1"} and not rows[3]["dropped"]
     # site-1 continued from its state on disk, kept under the first run's key
     # (after round 1, or after round 2 if it had trained round 2 when it was killed: its reply was lost)
-    log = (trial.logs / "supernode-site-1.log").read_text()
+    # the site's ClientApp tasks run under its own launcher (`dsfedmed site exec`): their log is the
+    # launcher's, beside the SuperNode's
+    log = "".join((trial.logs / f"{k}-site-1.log").read_text() for k in ("supernode", "exec"))
     assert re.search(r"site-1: round 3 starts from its state after round [12]\b", log), log[-3000:]
     (state_dir,) = (trial.work / "sites" / "site-1" / "state").glob("run-*")
     assert (state_dir / "site-1" / "round-0003.pt").is_file()
