@@ -21,6 +21,7 @@ so it competes on the FM-fit term alone until it has been selected once.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from common import protocol as P
 from common.codec import encode_probs, from_array_record, to_array_record
+from common.fileio import atomic_write_text
 from common.foundation import fm_checkpoint_id, load_foundation_model
 from common.generator import build_unet, generator_config_from_run
 from common.losses import DistillWeights, distillation_loss
@@ -220,6 +222,10 @@ class DSFedMedStrategy(DeadlineFedAvg):
         against as many real images (the pool is cached at the sites, so round 1 need not resend it)."""
         if self.cfg.pool_score_epochs <= 0:
             return None
+        sites = {self.fed.site_of(n) for n in self.train_nodes}
+        cached = self._cached_pool_score(pool, sites)
+        if cached is not None:
+            return cached
         conf = ConfigRecord({P.CFG_POOL_ID: pool.pool_id})
         rec = RecordDict(
             {
@@ -253,6 +259,9 @@ class DSFedMedStrategy(DeadlineFedAvg):
             "errors": ex.errors,
         }
         self.rundir.write_json("pool_score.json", score)
+        cache = self._pool_score_path(pool)
+        if cache is not None and set(per_site) == sites and not ex.errors:
+            atomic_write_text(cache, json.dumps(score, indent=1))  # a property of this pool: reused
         if pool_d:
             log.info(
                 "pool quality: a site model trained on the pool alone reaches validation Dice %.3f "
@@ -260,6 +269,29 @@ class DSFedMedStrategy(DeadlineFedAvg):
                 score["dice_pool_mean"],
                 score["dice_real_mean"],
             )
+        return score
+
+    def _pool_score_path(self, pool: Pool) -> Path | None:
+        cfg = self.cfg
+        if not cfg.pool_dir:
+            return None
+        return Path(cfg.pool_dir).expanduser() / f"pool_score-{pool.pool_id}-e{cfg.pool_score_epochs}.json"
+
+    def _cached_pool_score(self, pool: Pool, sites: set[str]) -> dict | None:
+        """The pool's quality as scored once by the same sites for the same pool and epochs (kept in
+        pool-dir beside the pool), so runs that reuse the pool do not pay the scoring again."""
+        path = self._pool_score_path(pool)
+        if path is None or not path.is_file():
+            return None
+        try:
+            score = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(score, dict) or set(score.get("sites") or {}) != sites:
+            return None
+        score["reused_from"] = path.name
+        self.rundir.write_json("pool_score.json", score)
+        log.info("pool quality reused from %s (scored by the same sites when the pool was made)", path)
         return score
 
     # --- round pieces --------------------------------------------------------------------------

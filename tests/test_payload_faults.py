@@ -717,3 +717,55 @@ def test_a_malformed_profile_drops_that_site_and_the_run_goes_on(identity, tmp_p
         strategy.profile_sites()
     assert [strategy.fed.site_of(n) for n in strategy.train_nodes] == ["phantom-0"]
     assert "rejected profile" in caplog.text and needle in caplog.text
+
+
+def test_pool_score_is_scored_once_per_pool_and_reused(task_identity, tmp_path, monkeypatch):
+    """The pool's quality is a property of the pool: scored by the sites once, kept in pool-dir,
+    and a later run with the same pool, epochs and sites reuses it without asking the sites again."""
+    from flwr.app import Message as Msg
+
+    from server_app.federation import Exchange
+    from server_app.synthesis import phantom_pool
+
+    class NoGrid:
+        def get_node_ids(self):
+            return []
+
+    def strategy(run_dir):
+        cfg = parse_run_config({**DSFEDMED, "tensorboard": False, "pool-dir": str(tmp_path / "pool"),
+                                "pool-score-epochs": 2})  # fmt: skip
+        s = DSFedMedStrategy(cfg, Federation(NoGrid()), RunDirectory.create(str(run_dir), "", "dsfedmed"))
+        s.train_nodes = [1, 2]
+        s.fed.name_site(1, "A")
+        s.fed.name_site(2, "B")
+        return s
+
+    sent = []
+
+    def send(msgs, timeout):
+        sent.append(len(msgs))
+        ex = Exchange()
+        for m in msgs:
+            rep = Msg(
+                RecordDict({P.KEY_METRICS: MetricRecord({"dice-pool": 0.3, "dice-real": 0.5})}), reply_to=m
+            )
+            rep.metadata.__dict__["_src_node_id"] = m.metadata.dst_node_id
+            ex.replies[{1: "A", 2: "B"}[m.metadata.dst_node_id]] = rep
+        return ex
+
+    pool = phantom_pool(8, 32, 0)
+    first = strategy(tmp_path / "r1")
+    monkeypatch.setattr(first.fed, "send", send)
+    score = first.score_pool(pool, set())
+    assert sent == [2] and score["dice_pool_mean"] == pytest.approx(0.3)
+    again = strategy(tmp_path / "r2")
+    monkeypatch.setattr(again.fed, "send", send)
+    reused = again.score_pool(pool, set())
+    assert (
+        sent == [2] and reused["sites"] == score["sites"] and reused["reused_from"].startswith("pool_score-")
+    )
+    other = strategy(tmp_path / "r3")  # another set of sites scores anew
+    other.fed.name_site(2, "C")
+    monkeypatch.setattr(other.fed, "send", send)
+    other.score_pool(pool, set())
+    assert sent == [2, 2]
