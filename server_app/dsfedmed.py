@@ -1,34 +1,31 @@
 """DSFedMed: mutual distillation between the server's foundation model and the sites' models.
 
-Round r (see common/protocol.py for the records):
-  a. the FM scores the synthetic pool from cached embeddings; learnability-guided selection picks
-     S_r using the sites' latest ensemble probabilities (FM term only before any exist);
-  b. ``train``: sites get S_r's images (or the whole pool once, cached at the site, whichever
-     costs fewer bytes over the run) and the FM's soft targets; they train on private data plus
-     distillation on S_r and reply with their probabilities on S_r (``logits``), their weights
-     (``weights``), or both (``hybrid``);
-  c. the server averages site probabilities into the ensemble (weighted by training-set size) —
-     in ``weights`` mode the ensemble is the FedAvg model's output on S_r, and that model is also
-     distilled towards the FM on the server before it is broadcast (the paper's exchange) — and
-     updates the FM's mask decoder towards the ensemble plus the synthetic masks;
-  d. ``evaluate``: sites report Dice/IoU of their model on their validation split.
+Before round 1 (``_setup``/``_round_zero``): the synthetic pool (server_app/pool_stage.py), its
+quality score, the prompt-free FM teacher on the pool's cached embeddings, adapted on the pool.
 
-Selection needs ensemble probabilities for every candidate, but sites only answer on S_r: a sample
-not yet seen by the sites is scored with the ensemble taken equal to the FM (zero disagreement),
-so it competes on the FM-fit term alone until it has been selected once.
+Round r, a short loop over named stages (see common/protocol.py for the records):
+  a. ``_stage_select``: the FM's probabilities on every pool sample; learnability-guided selection
+     of S_r (server_app/selection.py) with the sites' last ensemble, which covers the whole pool;
+  b. ``_stage_train_messages``/``_stage_accept``: sites get the pool once (then by id) and their
+     targets on S_r (the FM mixed with the *other* sites' answers, server_app/targets.py); they
+     train supervised on every pool sample, distil on S_r only, then train on private data, and
+     reply with their probabilities on the whole pool (``logits``), their weights (``weights``,
+     server_app/weights_exchange.py), or both (``hybrid``);
+  c. ``_stage_aggregate``/``_stage_teacher``: the ensemble of the sites' answers (weighted by
+     training-set size), and the FM's mask decoder trained on every pool mask with KL towards the
+     ensemble on S_r (sites -> FM);
+  d. evaluate: sites report Dice/IoU of their model on their validation split; the row is written.
+After the last round (``_finish``) a held-out site bootstraps from the pool and the final targets.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.result import Result
@@ -36,34 +33,29 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from common import protocol as P
 from common.codec import encode_probs, from_array_record, to_array_record
-from common.fileio import atomic_write_text
 from common.foundation import fm_checkpoint_id, load_foundation_model
-from common.generator import build_unet, generator_config_from_run
-from common.losses import DistillWeights, distillation_loss
-from common.models import build_model, load_weights
+from common.losses import DistillWeights
 from common.runtime import resolve_device
-from common.transforms import resize_pairs, to_float_batch
+from common.transforms import resize_pairs
 from common.validation import (
     PayloadInvalid,
-    check_metrics,
-    check_pool,
     check_probs_record,
-    check_weights_record,
 )
-from server_app.checkpoint import ResumeError
 from server_app.fedavg import DeadlineFedAvg
 from server_app.federation import FederationStopped
+from server_app.pool_stage import PoolStage
 from server_app.round_state import Replies, RoundState, Selection
 from server_app.selection import SelectionConfig, select
-from server_app.synthesis import Pool, contact_sheet, folder_pool, generator_pool, phantom_pool
+from server_app.synthesis import Pool
 from server_app.targets import ensemble as ensemble_of
 from server_app.targets import site_targets
 from server_app.teacher import FoundationTeacher
+from server_app.weights_exchange import WeightsExchange
 
 log = logging.getLogger("dsfedmed.server")
 
 
-class DSFedMedStrategy(DeadlineFedAvg):
+class DSFedMedStrategy(PoolStage, WeightsExchange, DeadlineFedAvg):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.require_same_model = self.cfg.exchange != "logits"
@@ -72,227 +64,6 @@ class DSFedMedStrategy(DeadlineFedAvg):
             self.cfg.sup_weight, self.cfg.kd_weight, self.cfg.temperature, self.cfg.pos_weight
         )
         self.pool_seed = self.cfg.pool_seed if self.cfg.pool_seed >= 0 else self.cfg.seed
-
-    # --- pool ----------------------------------------------------------------------------------
-    def _pool_key(self) -> dict:
-        cfg = self.cfg
-        key = {
-            "source": cfg.pool_source,
-            "size": cfg.pool_size,
-            "image_size": cfg.image_size,
-            "seed": self.pool_seed,
-        }
-        if cfg.pool_source == "generator":
-            key["generator"] = {
-                "size": cfg.gen_size,
-                "steps": cfg.gen_steps,
-                "seconds": cfg.gen_seconds,
-                "batch": cfg.gen_batch_size,
-                "sample_steps": cfg.gen_sample_steps,
-            }
-            key["sites"] = sorted(self.fed.site_of(n) for n in self.train_nodes)
-            # the generators train on the sites' training splits: a pool made from one split is never
-            # reused with another (that could leak another split's test images into the pool)
-            # the data by name and the split by content: the same pool is recognised from another
-            # checkout or folder (the benchmark's worktrees), never across different splits
-            split_path = Path(cfg.split_file).expanduser() if cfg.split_file else None
-            key["data"] = {
-                "data_root": Path(cfg.data_root).name if cfg.data_root else "",
-                "split": hashlib.sha256(split_path.read_bytes()).hexdigest()
-                if split_path is not None and split_path.is_file()
-                else cfg.split_file,
-                "split_seed": None if cfg.split_file else cfg.seed,
-                "fractions": [cfg.val_fraction, cfg.test_fraction],
-                "group_regex": cfg.split_group_regex,
-                "phantom_images_per_site": None if cfg.data_root else cfg.phantom_images_per_site,
-            }
-        if cfg.pool_source == "folder":
-            key["folder"] = str(Path(cfg.pool_folder).resolve())
-        return key
-
-    def build_pool(self) -> Pool:
-        cfg, key = self.cfg, self._pool_key()
-        cached = Path(cfg.pool_dir).expanduser() / "pool.npz" if cfg.pool_dir else None
-        if cached is not None and cached.is_file():
-            pool = Pool.load(cached)
-            try:  # a cached pool is what every site will be sent: it must fit the protocol
-                check_pool(pool.images, pool.masks, max_n=cfg.pool_size, what=f"pool in {cached}")
-            except PayloadInvalid as exc:
-                log.warning("%s; building a new one", exc)
-                pool.meta["key"] = None
-            if pool.meta.get("key") == key:
-                log.info("reusing synthetic pool %s (%d samples) from %s", pool.pool_id, len(pool), cached)
-                self._write_pool(pool)
-                return pool
-            log.info("pool in %s was made with other settings; building a new one", cached)
-        if cfg.pool_source == "phantoms":
-            pool = phantom_pool(cfg.pool_size, cfg.image_size, self.pool_seed)
-        elif cfg.pool_source == "folder":
-            if not cfg.pool_folder:
-                raise FederationStopped("pool-source 'folder' needs run config 'pool-folder'")
-            pool = folder_pool(cfg.pool_folder, cfg.pool_size, cfg.image_size, self.pool_seed)
-        else:
-            pool = self._generator_pool()
-        pool.meta["key"] = key
-        self._write_pool(pool)
-        if cached is not None and "fallback" not in pool.meta:  # a stand-in pool is never reused
-            pool.save(cached)
-        return pool
-
-    def _generator_pool(self) -> Pool:
-        cfg, fed = self.cfg, self.fed
-        gcfg = generator_config_from_run(cfg)
-        reference = {k: tuple(v.shape) for k, v in build_unet(gcfg).state_dict().items()}
-        msgs = [
-            fed.make(n, P.MSG_TRAIN_GENERATOR, RecordDict({P.KEY_CONFIG: ConfigRecord({})}), 0)
-            for n in self.train_nodes
-        ]
-        log.info(
-            "sites train their diffusion generators (%d steps or %.0f s)", gcfg.train_steps, gcfg.max_seconds
-        )
-        ex = fed.send(msgs, cfg.round_timeout_s + gcfg.max_seconds)
-        gens: dict[str, tuple[dict, dict]] = {}
-        for site, rep in ex.replies.items():
-            try:
-                state, stats = self._validate_generator(rep, reference)
-            except PayloadInvalid as exc:
-                ex.errors[site] = f"rejected generator: {exc}"
-                log.warning("site %s: %s", site, ex.errors[site])
-                continue
-            gens[site] = (state, stats)
-        if not gens:
-            why = f"no usable generator from any site (errors: {ex.errors or 'none'}; no answer: {ex.timeouts or 'none'})"
-            if cfg.pool_fallback == "stop" or (cfg.pool_fallback == "folder" and not cfg.pool_folder):
-                raise FederationStopped(f"{why}; use pool-source 'phantoms' or 'folder' instead")
-            log.warning("%s: the pool comes from pool-fallback '%s' instead", why, cfg.pool_fallback)
-            if cfg.pool_fallback == "folder":
-                pool = folder_pool(cfg.pool_folder, cfg.pool_size, cfg.image_size, self.pool_seed)
-            else:
-                pool = phantom_pool(cfg.pool_size, cfg.gen_size, self.pool_seed)
-            pool.meta.update(fallback=cfg.pool_fallback, fallback_reason=why, generator_errors=ex.errors)
-            return pool
-        t0 = time.time()
-        pool = generator_pool(gens, gcfg, cfg.pool_size, self.pool_seed, self.device)
-        pool.meta["generators"] = {s: st for s, (_, st) in gens.items()}
-        pool.meta["sample_seconds"] = time.time() - t0
-        pool.meta["generator_errors"] = ex.errors
-        log.info(
-            "sampled %d synthetic pairs from %d site generator(s) in %.0f s",
-            len(pool),
-            len(gens),
-            time.time() - t0,
-        )
-        return pool
-
-    @staticmethod
-    def _validate_generator(rep, reference: dict[str, tuple[int, ...]]) -> tuple[dict, dict]:
-        """A generator reply's weights (the agreed generator's size, keys, shapes, finite) and stats
-        (finite mask statistics, std >= 0), or :class:`PayloadInvalid` saying what is wrong."""
-        state = check_weights_record(
-            rep.content.array_records.get(P.KEY_GENERATOR), reference, "the agreed generator", P.KEY_GENERATOR
-        )
-        stats = rep.content.config_records.get(P.KEY_GEN_STATS)
-        keys = ("mask_log_fg_mean", "mask_log_fg_std")
-        check_metrics(stats, keys, nonnegative=keys[1:], what=P.KEY_GEN_STATS)
-        return state, dict(stats)
-
-    def _resumed_pool(self, pool_id: str) -> Pool:
-        """The interrupted run's pool, from its run directory (never made again: a generator pool
-        is not reproducible without the sites' generators, and the sites hold it by id)."""
-        path = self.rundir.path / "pool.npz"
-        if not path.is_file():
-            raise ResumeError(f"resume-from {self.rundir.path}: pool.npz is missing; the run cannot continue")
-        pool = Pool.load(path)
-        if pool.pool_id != pool_id:
-            raise ResumeError(
-                f"resume-from {self.rundir.path}: pool.npz holds pool {pool.pool_id}, the checkpoint pool {pool_id}"
-            )
-        log.info("resumed synthetic pool %s (%d samples) from %s", pool_id, len(pool), path)
-        return pool
-
-    def _write_pool(self, pool: Pool) -> None:
-        pool.save(self.rundir.path / "pool.npz")
-        try:
-            contact_sheet(pool, self.rundir.path / "pool.png")
-        except Exception as exc:  # noqa: BLE001 - a picture must not stop the federation
-            log.warning("could not draw pool.png: %s", exc)
-
-    def score_pool(self, pool: Pool, has_pool: set[int]) -> dict | None:
-        """Ask every site how a model trained on the pool alone does on its real validation data,
-        against as many real images (the pool is cached at the sites, so round 1 need not resend it)."""
-        if self.cfg.pool_score_epochs <= 0:
-            return None
-        sites = {self.fed.site_of(n) for n in self.train_nodes}
-        cached = self._cached_pool_score(pool, sites)
-        if cached is not None:
-            return cached
-        conf = ConfigRecord({P.CFG_POOL_ID: pool.pool_id})
-        rec = RecordDict(
-            {
-                P.KEY_CONFIG: conf,
-                P.KEY_POOL: to_array_record({P.ARR_IMAGES: pool.images, P.ARR_MASKS: pool.masks}),
-            }
-        )
-        ex = self.fed.send(
-            [self.fed.make(n, P.MSG_EVALUATE_POOL, rec, 0) for n in self.train_nodes],
-            self.cfg.round_timeout_s,
-        )
-        per_site = {}
-        for site, rep in ex.replies.items():
-            m = rep.content.metric_records.get(P.KEY_METRICS)
-            try:
-                check_metrics(m, ("dice-pool", "dice-real"), unit=("dice-pool", "dice-real"))
-            except PayloadInvalid as exc:
-                ex.errors[site] = f"rejected pool score: {exc}"
-                continue
-            per_site[site] = {k.replace("-", "_"): float(v) for k, v in m.items()}
-            has_pool.add(rep.metadata.src_node_id)
-        for site, reason in ex.errors.items():
-            log.warning("site %s could not score the pool: %s", site, reason)
-        pool_d = [v["dice_pool"] for v in per_site.values()]
-        real_d = [v["dice_real"] for v in per_site.values()]
-        score = {
-            "epochs": self.cfg.pool_score_epochs,
-            "sites": per_site,
-            "dice_pool_mean": float(np.mean(pool_d)) if pool_d else None,
-            "dice_real_mean": float(np.mean(real_d)) if real_d else None,
-            "errors": ex.errors,
-        }
-        self.rundir.write_json("pool_score.json", score)
-        cache = self._pool_score_path(pool)
-        if cache is not None and set(per_site) == sites and not ex.errors:
-            atomic_write_text(cache, json.dumps(score, indent=1))  # a property of this pool: reused
-        if pool_d:
-            log.info(
-                "pool quality: a site model trained on the pool alone reaches validation Dice %.3f "
-                "(on as many real images: %.3f)",
-                score["dice_pool_mean"],
-                score["dice_real_mean"],
-            )
-        return score
-
-    def _pool_score_path(self, pool: Pool) -> Path | None:
-        cfg = self.cfg
-        if not cfg.pool_dir:
-            return None
-        return Path(cfg.pool_dir).expanduser() / f"pool_score-{pool.pool_id}-e{cfg.pool_score_epochs}.json"
-
-    def _cached_pool_score(self, pool: Pool, sites: set[str]) -> dict | None:
-        """The pool's quality as scored once by the same sites for the same pool and epochs (kept in
-        pool-dir beside the pool), so runs that reuse the pool do not pay the scoring again."""
-        path = self._pool_score_path(pool)
-        if path is None or not path.is_file():
-            return None
-        try:
-            score = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None
-        if not isinstance(score, dict) or set(score.get("sites") or {}) != sites:
-            return None
-        score["reused_from"] = path.name
-        self.rundir.write_json("pool_score.json", score)
-        log.info("pool quality reused from %s (scored by the same sites when the pool was made)", path)
-        return score
 
     # --- round pieces --------------------------------------------------------------------------
     def _validate_probs(self, rep, n: int) -> tuple[torch.Tensor | None, str | None]:
@@ -304,37 +75,6 @@ class DSFedMedStrategy(DeadlineFedAvg):
             return check_probs_record(rec, n, self.cfg.logit_size, self.cfg.logit_dtype), None
         except PayloadInvalid as exc:
             return None, str(exc)
-
-    def _server_model(self, arrays: ArrayRecord) -> torch.nn.Module:
-        """The averaged site model, materialised on the server (weights exchange only)."""
-        model = build_model(self.cfg.model)
-        load_weights(model, from_array_record(arrays), self.cfg.model)
-        return model
-
-    def _model_probs(self, model: torch.nn.Module, images: np.ndarray) -> torch.Tensor:
-        """The model's probabilities at ``logit-size``: what sites would have sent in logits mode."""
-        model.eval()
-        with torch.no_grad():
-            p = torch.sigmoid(model(to_float_batch(images)))
-        return F.interpolate(p, size=(self.cfg.logit_size,) * 2, mode="area")
-
-    def _distill_server_model(self, model: torch.nn.Module, images, masks, fm_probs, rnd) -> ArrayRecord:
-        """The paper's server-side step: the averaged site model learns from the FM on S_r."""
-        model.train()
-        opt = torch.optim.Adam(model.parameters(), lr=self.cfg.learning_rate)
-        gen = torch.Generator().manual_seed(rnd)
-        x_all, m_all = to_float_batch(images), torch.from_numpy(masks).float()
-        for _ in range(max(1, self.cfg.fm_epochs)):
-            order = torch.randperm(len(x_all), generator=gen)
-            for i in range(0, len(order), self.cfg.batch_size):
-                b = order[i : i + self.cfg.batch_size]
-                if len(b) < 2:
-                    continue
-                loss = distillation_loss(model(x_all[b]), m_all[b], fm_probs[b], self.weights)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-        return to_array_record({k: v.detach().numpy() for k, v in model.state_dict().items()})
 
     def _bootstrap_holdout(
         self,

@@ -5,6 +5,7 @@ import numpy as np
 from common.config import parse_run_config
 from common.phantoms import write_phantom_site
 from server_app import dsfedmed as ds
+from server_app import pool_stage
 from server_app.federation import Federation
 from server_app.rundir import RunDirectory
 from server_app.synthesis import Pool, contact_sheet, folder_pool, phantom_pool
@@ -59,13 +60,13 @@ def _strategy(tmp_path, name, **cfg):
 
 def test_pool_dir_is_reused_only_with_matching_settings(tmp_path, monkeypatch):
     calls = []
-    real = ds.phantom_pool
+    real = pool_stage.phantom_pool
 
     def counting(*a, **k):
         calls.append(a)
         return real(*a, **k)
 
-    monkeypatch.setattr(ds, "phantom_pool", counting)
+    monkeypatch.setattr(pool_stage, "phantom_pool", counting)
     pool_dir = str(tmp_path / "pools")
     first = _strategy(tmp_path, "r1", **{"pool-dir": pool_dir}).build_pool()
     second = _strategy(tmp_path, "r2", **{"pool-dir": pool_dir}).build_pool()
