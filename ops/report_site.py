@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ops.document import Figure, Gallery, Note, Para, Section
-from ops.report import ReportError, RunData, _num
+from ops.run_data import ReportError, RunData, num
 
 
 def _run_config_obj(run: RunData):
@@ -163,7 +163,7 @@ def site_section(
             f"Model: {source}; network {sm.name}, {sm.image_size} px"
             + (f", saved after round {sm.meta['round']}" if "round" in sm.meta else "")
             + f". On its {len(val)} validation images: Dice (thresholds 0.1-0.9) "
-            f"{_num(float(dice.mean()))}, IoU {_num(float(iou.mean()))}; the first {len(idx)} are shown."
+            f"{num(float(dice.mean()))}, IoU {num(float(iou.mean()))}; the first {len(idx)} are shown."
         )
     )
     for n in sm.notes:
@@ -191,7 +191,7 @@ def site_section(
                 f"report-site-{safe}-val-{re.sub(r'[^A-Za-z0-9_.-]', '_', stem)}.png",
                 buf.getvalue(),
                 f"{stem}: prediction over the image",
-                f"{stem} (Dice {_num(float(dice[k]))})",
+                f"{stem} (Dice {num(float(dice[k]))})",
             )
         )
     sec.blocks.append(Gallery(figs))
