@@ -71,20 +71,24 @@ class KeySpec:
             raise CertError(f"validity of {self.days} days: use 1 to 3650")
 
 
-def _private_dir(path: Path) -> Path:
+def private_dir(path: Path) -> Path:
+    """``path`` as a folder readable by its owner only (0700, also when it existed)."""
     path.mkdir(parents=True, exist_ok=True)
     os.chmod(path, 0o700)
     return path
 
 
-def _write(path: Path, data: bytes, private: bool) -> None:
+def write_new_file(path: Path, data: bytes, private: bool) -> None:
+    """Create ``path`` (never over an existing file: key material is not silently replaced), 0600 when
+    ``private`` else 0644."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
     fd = os.open(path, flags, 0o600 if private else 0o644)
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
 
 
-def _fingerprint(cert: x509.Certificate) -> str:
+def cert_fingerprint(cert: x509.Certificate) -> str:
+    """The certificate's SHA-256 fingerprint as colon-separated hex (as ``openssl x509 -fingerprint``)."""
     return cert.fingerprint(hashes.SHA256()).hex(":")
 
 
@@ -173,14 +177,14 @@ def make_site_keypair(out: Path, *, overwrite: bool = False) -> dict:
         raise CertError(
             f"{out / 'node.key'} exists; pass --overwrite to replace it (the site must then re-register)"
         )
-    _private_dir(out)
+    private_dir(out)
     private, public = make_site_key()
-    _write(out / "node.key", private, private=True)
-    _write(out / "node.pub", public, private=False)
+    write_new_file(out / "node.key", private, private=True)
+    write_new_file(out / "node.pub", public, private=False)
     return {
         "private_key": str(out / "node.key"),
         "public_key": str(out / "node.pub"),
-        "ssh_fingerprint": _ssh_fingerprint(public),
+        "ssh_fingerprint": ssh_fingerprint(public),
     }
 
 
@@ -233,7 +237,7 @@ def make_federation_keys(
         for site_dir in (out / "sites").glob("*"):
             for f in site_dir.glob("*"):
                 f.unlink()
-    _private_dir(out)
+    private_dir(out)
     ca_key, ca_cert = make_ca(spec.ca_name, spec.days)
     srv_key, srv_cert = make_server_cert(ca_key, ca_cert, spec)
     ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
@@ -242,16 +246,16 @@ def make_federation_keys(
         format=serialization.PrivateFormat.PKCS8,
         encryption_algorithm=serialization.NoEncryption(),
     )
-    ca_dir, srv_dir = _private_dir(out / "ca"), _private_dir(out / "superlink")
-    _write(ca_dir / "ca.key", ca_key.private_bytes(**pem_key), private=True)
-    _write(ca_dir / "ca.crt", ca_pem, private=False)
-    _write(srv_dir / "server.key", srv_key.private_bytes(**pem_key), private=True)
-    _write(srv_dir / "server.crt", srv_cert.public_bytes(serialization.Encoding.PEM), private=False)
-    _write(srv_dir / "ca.crt", ca_pem, private=False)
+    ca_dir, srv_dir = private_dir(out / "ca"), private_dir(out / "superlink")
+    write_new_file(ca_dir / "ca.key", ca_key.private_bytes(**pem_key), private=True)
+    write_new_file(ca_dir / "ca.crt", ca_pem, private=False)
+    write_new_file(srv_dir / "server.key", srv_key.private_bytes(**pem_key), private=True)
+    write_new_file(srv_dir / "server.crt", srv_cert.public_bytes(serialization.Encoding.PEM), private=False)
+    write_new_file(srv_dir / "ca.crt", ca_pem, private=False)
     manifest = {
-        "ca": {"subject": spec.ca_name, "sha256": _fingerprint(ca_cert)},
+        "ca": {"subject": spec.ca_name, "sha256": cert_fingerprint(ca_cert)},
         "superlink": {
-            "sha256": _fingerprint(srv_cert),
+            "sha256": cert_fingerprint(srv_cert),
             "san_hosts": list(spec.san_hosts),
             "san_ips": list(spec.san_ips),
             "not_after": srv_cert.not_valid_after_utc.isoformat(),
@@ -292,18 +296,18 @@ def add_site(
     site_dir = out / "sites" / site
     if (site_dir / "node.pub").exists():
         raise CertError(f"site {site!r} already has a key in {site_dir}")
-    _private_dir(out / "sites")
-    _private_dir(site_dir)
+    private_dir(out / "sites")
+    private_dir(site_dir)
     if public_key is not None:
         public = check_public_key(public_key, f"the public key given for site {site!r}")
     else:
         private, public = make_site_key()
-        _write(site_dir / "node.key", private, private=True)
-    _write(site_dir / "node.pub", public, private=False)
-    _write(site_dir / "ca.crt", ca_pem, private=False)
+        write_new_file(site_dir / "node.key", private, private=True)
+    write_new_file(site_dir / "node.pub", public, private=False)
+    write_new_file(site_dir / "ca.crt", ca_pem, private=False)
     entry = {
         "public_key": str(site_dir / "node.pub"),
-        "ssh_fingerprint": _ssh_fingerprint(public),
+        "ssh_fingerprint": ssh_fingerprint(public),
         "private_key_made_here": public_key is None,
     }
     manifest_path = out / "manifest.json"
@@ -314,7 +318,8 @@ def add_site(
     return entry
 
 
-def _ssh_fingerprint(public: bytes) -> str:
+def ssh_fingerprint(public: bytes) -> str:
+    """An OpenSSH public key line's fingerprint as ``ssh-keygen -lf`` prints it (``SHA256:...``)."""
     import base64
     import hashlib
 

@@ -23,7 +23,8 @@ class ProbeResult:
     message: str
 
 
-def _host_port(address: str) -> tuple[str, int]:
+def host_port(address: str) -> tuple[str, int]:
+    """``host:port`` (IPv6 in brackets) split, or ValueError naming the expected form."""
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"SuperLink address {address!r}: use host:port, e.g. superlink.example.org:8000")
@@ -55,7 +56,7 @@ def _verification_error(exc: BaseException) -> ssl.SSLCertVerificationError | No
 def probe_superlink(address: str, root_certificates: str | Path | None, timeout: float = 5.0) -> ProbeResult:
     """Probe ``address``'s health endpoint as a SuperNode would connect: with TLS verified against
     ``root_certificates``, or in plaintext when that is None (``--insecure``)."""
-    host, port = _host_port(address)
+    host, port = host_port(address)
     try:
         socket.create_connection((host, port), timeout=timeout).close()
     except OSError as exc:

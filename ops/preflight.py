@@ -348,7 +348,7 @@ def check_ca_certificate(
 ) -> list[Check]:
     from cryptography import x509
 
-    from deploy.certs import _fingerprint
+    from deploy.certs import cert_fingerprint
 
     path = Path(path).expanduser()
     if not path.is_file():
@@ -400,7 +400,7 @@ def check_ca_certificate(
                 )
             )
     expected = read_kit(path.parent).get("ca", {}).get("sha256")
-    if expected and expected not in {_fingerprint(c) for c in certs}:
+    if expected and expected not in {cert_fingerprint(c) for c in certs}:
         rows.append(
             Check(
                 "CA certificate",
@@ -418,7 +418,7 @@ def check_site_key(path: str | Path) -> list[Check]:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from deploy.certs import _ssh_fingerprint
+    from deploy.certs import ssh_fingerprint
 
     path = Path(path).expanduser()
     if not path.is_file():
@@ -445,7 +445,7 @@ def check_site_key(path: str | Path) -> list[Check]:
             )
         ]
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    fp = _ssh_fingerprint(public)
+    fp = ssh_fingerprint(public)
     rows.append(Check("site key", "ok", f"{path}: ECDSA {key.curve.name} key loads ({fp})"))
     pub = path.with_suffix(".pub")
     if pub.is_file() and pub != path:

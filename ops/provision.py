@@ -29,7 +29,15 @@ from pathlib import Path
 
 from common.config import NodeConfig, parse_node_config
 from common.fileio import sha256_file
-from deploy.certs import SITE_NAME, CertError, _fingerprint, _private_dir, _ssh_fingerprint, _write, add_site
+from deploy.certs import (
+    SITE_NAME,
+    CertError,
+    add_site,
+    cert_fingerprint,
+    private_dir,
+    ssh_fingerprint,
+    write_new_file,
+)
 from deploy.processes import toml_value
 
 KIT_FILES = (
@@ -133,10 +141,10 @@ def _default_address(manifest: dict) -> str:
 
 
 def _address_warning(address: str, manifest: dict) -> str | None:
-    from deploy.probe import _host_port
+    from deploy.probe import host_port
 
     try:
-        host, _ = _host_port(address)
+        host, _ = host_port(address)
     except ValueError as exc:
         raise ProvisionError(str(exc)) from None
     sl = manifest.get("superlink", {})
@@ -339,7 +347,7 @@ def provision(
         parse_node_config({"model": s.model, "data-dir": s.data_dir, "site-name": s.site})
         if not (keys_dir / "sites" / s.site / "node.pub").is_file() and not s.trial_site_key:
             raise ProvisionError(_no_public_key(s.site, keys_dir))
-    _private_dir(out)
+    private_dir(out)
     return [_make_kit(keys_dir, out, s) for s in specs]
 
 
@@ -373,7 +381,7 @@ def _make_kit(keys_dir: Path, out: Path, spec: KitSpec) -> Kit:
         warnings.append(f"no --superlink-address: the kit uses {address} (the certificate's first name)")
 
     kit = out / spec.site
-    _private_dir(kit)
+    private_dir(kit)
     for name in KIT_FILES:  # --overwrite replaces the kit's own files, nothing else in the folder
         (kit / name).unlink(missing_ok=True)
     install = spec.install_dir or str(kit.resolve())
@@ -391,17 +399,17 @@ def _make_kit(keys_dir: Path, out: Path, spec: KitSpec) -> Kit:
     ca_pem = (keys_dir / "ca" / "ca.crt").read_bytes()
     ca = x509.load_pem_x509_certificate(ca_pem)
     public = (site_keys / "node.pub").read_bytes()
-    _write(kit / "ca.pem", ca_pem, private=False)
-    _write(kit / "node.pub", public, private=False)
+    write_new_file(kit / "ca.pem", ca_pem, private=False)
+    write_new_file(kit / "node.pub", public, private=False)
     if (site_keys / "node.key").is_file():
-        _write(kit / "node.key", (site_keys / "node.key").read_bytes(), private=True)
+        write_new_file(kit / "node.key", (site_keys / "node.key").read_bytes(), private=True)
     else:
         warnings.append(
             f"the key set holds only {spec.site}'s public key: the site puts its own node.key into the kit"
         )
-    _write(kit / "node-config.toml", node_config_toml(node, spec.site).encode(), private=False)
-    _write(kit / "policy.toml", POLICY_TOML.format(site=spec.site).encode(), private=False)
-    _write(kit / "site.env", _site_env(spec, address, install, spec.data_dir).encode(), private=False)
+    write_new_file(kit / "node-config.toml", node_config_toml(node, spec.site).encode(), private=False)
+    write_new_file(kit / "policy.toml", POLICY_TOML.format(site=spec.site).encode(), private=False)
+    write_new_file(kit / "site.env", _site_env(spec, address, install, spec.data_dir).encode(), private=False)
 
     script_cmd = supernode_command(address, "ca.pem", "node.key", "node-config.toml", spec.runtime_port)
     launcher = exec_command("allowed-fabs.txt", node.audit_log, spec.site, spec.runtime_port)
@@ -418,8 +426,8 @@ def _make_kit(keys_dir: Path, out: Path, spec: KitSpec) -> Kit:
         f"env {env} {shlex.join(script_cmd)} &\n"
         f'exec env {env} {shlex.join(launcher)} --parent-pid "$!"\n'
     )
-    _write(kit / "start-supernode.sh", script.encode(), private=False)
-    _write(
+    write_new_file(kit / "start-supernode.sh", script.encode(), private=False)
+    write_new_file(
         kit / "allowed-fabs.txt",
         b"# app bundles (FAB SHA-256) this site runs, one per line: `dsfedmed site allow <app.fab>`\n"
         b"# empty: every bundle is refused until the site has reviewed and allowed one\n",
@@ -436,12 +444,12 @@ def _make_kit(keys_dir: Path, out: Path, spec: KitSpec) -> Kit:
         "install_dir": install,
         "ca": {
             "subject": ca.subject.rfc4514_string(),
-            "sha256": _fingerprint(ca),
+            "sha256": cert_fingerprint(ca),
             "not_before": ca.not_valid_before_utc.isoformat(),
             "not_after": ca.not_valid_after_utc.isoformat(),
         },
         "superlink_certificate": manifest.get("superlink", {}),
-        "site_key": {"ssh_fingerprint": _ssh_fingerprint(public), "public_key": public.decode().strip()},
+        "site_key": {"ssh_fingerprint": ssh_fingerprint(public), "public_key": public.decode().strip()},
     }
     here = kit.resolve()
     cmd_here = supernode_command(
@@ -450,7 +458,7 @@ def _make_kit(keys_dir: Path, out: Path, spec: KitSpec) -> Kit:
     at_site = supernode_command(
         address, f"{install}/ca.pem", f"{install}/node.key", f"{install}/node-config.toml", spec.runtime_port
     )
-    _write(
+    write_new_file(
         kit / "README.md",
         _readme(spec, install, address, shlex.join(at_site), node, meta).encode(),
         private=False,
@@ -460,5 +468,5 @@ def _make_kit(keys_dir: Path, out: Path, spec: KitSpec) -> Kit:
         for n in KIT_FILES
         if n not in ("node.key", "kit.json") and (kit / n).is_file()
     }
-    _write(kit / "kit.json", (json.dumps(meta, indent=1) + "\n").encode(), private=False)
+    write_new_file(kit / "kit.json", (json.dumps(meta, indent=1) + "\n").encode(), private=False)
     return Kit(spec.site, kit, cmd_here, added, warnings)
