@@ -22,6 +22,7 @@ from deploy.processes import (  # noqa: F401 (free_port, stop_group re-exported)
     free_port,
     start,
     stop_group,
+    stream_until,
     toml_value,
     wait_healthy,
 )
@@ -96,20 +97,30 @@ def flwr_run(
         "--run-config",
         overrides,
     ]
-    try:
-        res = subprocess.run(cmd, env=link.env, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired as exc:
-        # killing the CLI leaves the run going in the SuperLink (it would skew later timings): stop it
-        out = _text(exc.stdout) + _text(exc.stderr)
-        m = re.search(r"Successfully started run (\d+)", out)
+    # the CLI in its own session, its output read as it streams: at the deadline its whole process
+    # group is stopped and the run itself stopped by the id it printed (a run left going in the
+    # SuperLink would skew every later timing), even when the CLI prints nothing while it hangs
+    proc = subprocess.Popen(
+        cmd,
+        env=link.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    timed_out = stream_until(proc, time.monotonic() + timeout_s, lines.append)
+    out = "".join(lines)
+    m = re.search(r"Successfully started run (\d+)", out)
+    if timed_out:
         stopped = stop_running_runs(link) if m is None else [m.group(1)] * bool(stop_run(link, m.group(1)))
         raise TimeoutError(
-            f"flwr run passed its {timeout_s:.0f} s timeout; stopped run(s) {stopped or 'none'}"
-        ) from None
-    out = res.stdout + res.stderr
-    m = re.search(r"Successfully started run (\d+)", out)
+            f"flwr run passed its {timeout_s:.0f} s timeout; its process group and run(s) "
+            f"{stopped or 'none'} were stopped"
+        )
+    proc.wait()
     if not m:
-        raise AssertionError(f"flwr run did not start a run (exit {res.returncode}):\n{out[-4000:]}")
+        raise AssertionError(f"flwr run did not start a run (exit {proc.returncode}):\n{out[-4000:]}")
     run_id = m.group(1)
     status, details = run_status(link, run_id)
     return RunOutcome(run_id, status, details, out)
@@ -134,10 +145,6 @@ def run_status(link: SimulationLink, run_id: str, wait_s: float = 60) -> tuple[s
         if run["status"].startswith("finished") or time.monotonic() > deadline:
             return run["status"], run.get("status-details", "")
         time.sleep(1)
-
-
-def _text(b) -> str:
-    return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
 
 
 def stop_run(link: SimulationLink, run_id: str) -> bool:

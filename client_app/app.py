@@ -28,13 +28,13 @@ from client_app.errors import (  # noqa: F401 - the codes are re-exported: part 
     PayloadError,
     PoolMissing,
 )
-from client_app.guard import guarded, ledger_path
+from client_app.guard import ledger_path, request_bounds, site_guard
 from client_app.policy import load_policy
 from client_app.privacy import PrivacyLedger, privatize_probs
 from client_app.state import SiteStore
 from client_app.trainer import SiteTrainer, TrainSettings
 from common import protocol as P
-from common.codec import encode_probs, to_array_record
+from common.codec import check_pool_record, check_probs_record, decode_record, encode_probs, to_array_record
 from common.config import NodeConfig, RunConfig, parse_node_config, parse_run_config
 from common.data import default_cache_dir
 from common.fm_cache import CachedPromptFreeSegmenter, EmbeddingCache
@@ -44,16 +44,10 @@ from common.losses import DistillWeights
 from common.runtime import configure_threads, package_versions, resolve_device, setup_logging
 from common.sites import check_no_server_paths, load_site
 from common.transforms import resize_pairs
-from common.validation import (
-    PayloadInvalid,
-    check_pool,
-    check_pool_record,
-    check_probs_record,
-    decode_record,
-)
+from common.validation import PayloadInvalid, check_pool
 
 log = logging.getLogger("dsfedmed.client")
-app = ClientApp()
+app = ClientApp(mods=[site_guard, request_bounds])  # every handler: the site guard, then the size gate
 
 
 def _setup(context: Context) -> tuple[RunConfig, NodeConfig]:
@@ -124,7 +118,6 @@ def _weights(msg: Message) -> dict:
 
 
 @app.query("profile")
-@guarded
 def query_profile(msg: Message, context: Context) -> Message:
     """Report what the server needs to check the federation is consistent (no image data)."""
     run, node = _setup(context)
@@ -151,7 +144,6 @@ def query_profile(msg: Message, context: Context) -> Message:
 
 
 @app.train()
-@guarded
 def train(msg: Message, context: Context) -> Message:
     """FedAvg (and fedfm) local training: load global weights, train, return weights + metrics."""
     run, node = _setup(context)
@@ -179,7 +171,6 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
-@guarded
 def evaluate(msg: Message, context: Context) -> Message:
     """Dice/IoU of the received weights on the requested split of this site's data."""
     run, node = _setup(context)
@@ -215,7 +206,6 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 @app.train("generator")
-@guarded
 def train_generator_handler(msg: Message, context: Context) -> Message:
     """Train the site's mask-conditioned diffusion generator on its private training pairs.
 
@@ -288,7 +278,6 @@ def _pool_arrays(
 
 
 @app.evaluate("pool")
-@guarded
 def evaluate_pool(msg: Message, context: Context) -> Message:
     """Score the synthetic pool against this site's real validation data, and cache the pool."""
     run, node = _setup(context)

@@ -34,11 +34,10 @@ from client_app.outgoing import OutgoingViolation, check_reply
 from client_app.policy import PERMISSIVE, EvaluateCounter, PolicyViolation, load_policy
 from client_app.privacy import LEDGER_FILE
 from common import protocol as P
-from common.codec import from_array_record, message_nbytes
+from common.codec import check_request_bytes, from_array_record, message_nbytes, record_nbytes
 from common.config import ConfigError, NodeConfig, parse_node_config, parse_run_config
 from common.data import SiteDataError, default_cache_dir
 from common.sites import load_site, resolve_site
-from common.validation import check_request_bytes, record_nbytes
 
 log = logging.getLogger("dsfedmed.client")
 
@@ -48,62 +47,56 @@ def state_root(node: NodeConfig) -> Path:
     return Path(node.state_dir).expanduser() if node.state_dir else default_cache_dir() / "state"
 
 
-def guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
-    """Every reply passes here: the site's policy is checked before the handler runs and on what it
+def site_guard(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    """A Flower ClientApp mod (``ClientApp(mods=[site_guard, request_bounds])``), so it wraps every
+    handler the app registers: the site's policy is checked before the handler runs and on what it
     answers, known failures become error replies that name the problem (the server logs them), and
     the reply is written to the site's audit log before it leaves (no log, no reply)."""
-
-    def wrapper(msg: Message, context: Context) -> Message:
-        site, policy, audit, reply = "?", PERMISSIVE, AuditLog(None), None
-        rule = "ok"
-        try:
-            node = parse_node_config(context.node_config)
-            audit = AuditLog(audit_path(node))
-            site = _site_name(context, node)
-            policy = load_policy(node.policy_file)
-        except ConfigError as exc:
-            reply = _error(msg, ERR_CONFIG, f"configuration error: {exc}")
-        if reply is None:
-            try:
-                policy.check_request(msg.metadata.message_type)
-                policy.check_request_size(sum(record_nbytes(r) for r in msg.content.array_records.values()))
-                if msg.metadata.message_type == P.MSG_EVALUATE:
-                    policy.check_evaluate(_requested_split(msg), _evaluate_counter(node), int(context.run_id))
-                if msg.metadata.message_type == P.MSG_TRAIN and policy.dp.enabled:
-                    run = parse_run_config(context.run_config)  # refused before any work, not only after
-                    policy.check_dp_run(run.method, run.exchange)
-                reply = _answer(handler, msg, context)
-                if not reply.has_error():
-                    check_reply(msg.metadata.message_type, reply)  # only the protocol leaves
-                    _check_no_image_copies(reply, context)  # and no copy of a site image in it
-                    policy.check_reply(reply.content.array_records, message_nbytes(reply))
-            except PolicyViolation as exc:
-                rule = exc.rule
-                reply = error_reply(msg, ERR_POLICY, str(exc), rule=exc.rule)
-            except OutgoingViolation as exc:
-                rule = "protocol"
-                reply = error_reply(msg, ERR_INTERNAL, f"reply withheld: {exc}")
-            except ConfigError as exc:  # e.g. a damaged evaluate counter: nothing is answered blind
-                reply = _error(msg, ERR_CONFIG, f"configuration error: {exc}")
-        try:
-            audit.record(msg, reply, run_id=context.run_id, site=site, policy=rule)
-        except OSError as exc:
-            reply = _error(
-                msg,
-                ERR_AUDIT,
-                f"the site's audit log {audit.path} cannot be written ({exc}); nothing is sent without it",
-            )
-        return reply
-
-    wrapper.__name__ = handler.__name__
-    wrapper.__doc__ = handler.__doc__
-    return wrapper
-
-
-def _answer(handler: Callable[[Message, Context], Message], msg: Message, context: Context) -> Message:
+    site, policy, audit, reply = "?", PERMISSIVE, AuditLog(None), None
+    rule = "ok"
     try:
-        _check_request(msg, context)
-        return handler(msg, context)
+        node = parse_node_config(context.node_config)
+        audit = AuditLog(audit_path(node))
+        site = _site_name(context, node)
+        policy = load_policy(node.policy_file)
+    except ConfigError as exc:
+        reply = _error(msg, ERR_CONFIG, f"configuration error: {exc}")
+    if reply is None:
+        try:
+            policy.check_request(msg.metadata.message_type)
+            policy.check_request_size(sum(record_nbytes(r) for r in msg.content.array_records.values()))
+            if msg.metadata.message_type == P.MSG_EVALUATE:
+                policy.check_evaluate(_requested_split(msg), _evaluate_counter(node), int(context.run_id))
+            if msg.metadata.message_type == P.MSG_TRAIN and policy.dp.enabled:
+                run = parse_run_config(context.run_config)  # refused before any work, not only after
+                policy.check_dp_run(run.method, run.exchange)
+            reply = _answer(call_next, msg, context)
+            if not reply.has_error():
+                check_reply(msg.metadata.message_type, reply)  # only the protocol leaves
+                _check_no_image_copies(reply, context)  # and no copy of a site image in it
+                policy.check_reply(reply.content.array_records, message_nbytes(reply))
+        except PolicyViolation as exc:
+            rule = exc.rule
+            reply = error_reply(msg, ERR_POLICY, str(exc), rule=exc.rule)
+        except OutgoingViolation as exc:
+            rule = "protocol"
+            reply = error_reply(msg, ERR_INTERNAL, f"reply withheld: {exc}")
+        except ConfigError as exc:  # e.g. a damaged evaluate counter: nothing is answered blind
+            reply = _error(msg, ERR_CONFIG, f"configuration error: {exc}")
+    try:
+        audit.record(msg, reply, run_id=context.run_id, site=site, policy=rule)
+    except OSError as exc:
+        reply = _error(
+            msg,
+            ERR_AUDIT,
+            f"the site's audit log {audit.path} cannot be written ({exc}); nothing is sent without it",
+        )
+    return reply
+
+
+def _answer(call_next: Callable[[Message, Context], Message], msg: Message, context: Context) -> Message:
+    try:
+        return call_next(msg, context)
     except PolicyViolation:
         raise
     except ConfigError as exc:
@@ -119,11 +112,16 @@ def _answer(handler: Callable[[Message, Context], Message], msg: Message, contex
         return _error(msg, ERR_INTERNAL, f"{type(exc).__name__}: {exc}")
 
 
-def _check_request(msg: Message, context: Context) -> None:
-    """The size gate every request passes before a handler decodes it: a pool or soft targets larger
-    than the run config allows (:func:`common.validation.check_request_bytes`) is refused unread."""
+def request_bounds(
+    msg: Message, context: Context, call_next: Callable[[Message, Context], Message]
+) -> Message:
+    """A Flower ClientApp mod, inside :func:`site_guard`: the size gate every request passes before a
+    handler decodes it. A pool or soft targets larger than the run config allows
+    (:func:`common.codec.check_request_bytes`) is refused unread. (Flower's own ``message_size_mod``
+    only logs sizes; bounds derived from the run config are the protocol's.)"""
     if msg.content.array_records:
         check_request_bytes(msg.content, parse_run_config(context.run_config))
+    return call_next(msg, context)
 
 
 def ledger_path(node: NodeConfig) -> Path:

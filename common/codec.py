@@ -1,4 +1,7 @@
-"""Conversion between numpy state dicts and Flower records, and exact byte accounting.
+"""Conversion between numpy state dicts and Flower records, exact byte accounting, and the checked
+decoding of a received record (bytes bounded before anything is decoded; the bounds and the
+framework-neutral checks are in common/validation.py, probability maps in common/probs.py).
+The only module of ``common`` besides ``protocol`` that knows Flower's types.
 
 Bytes are counted from the real serialised objects Flower transmits: a Message is a tree of
 "inflatable" objects (message, record dict, records, arrays, array chunks), each sent as its
@@ -7,8 +10,23 @@ deflated bytes and de-duplicated by content id.  :func:`message_nbytes` sums exa
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
+
+from common import protocol as P
+from common.probs import PROB_DTYPES, decode_probs, encode_probs  # noqa: F401 - re-exported
+from common.validation import (
+    PayloadInvalid,
+    check_pool,
+    check_probs,
+    check_weights,
+    pool_bounds,
+    pool_record_limit,
+    probs_record_limit,
+    weights_record_limit,
+)
 
 
 def to_array_record(state: dict[str, np.ndarray]) -> ArrayRecord:
@@ -27,51 +45,110 @@ def message_nbytes(msg: Message) -> int:
     return sum(len(obj.deflate()) for obj in objects.values())
 
 
-# --- soft targets and logits on synthetic samples ------------------------------------------------
-# They cross the network as probabilities at a reduced resolution, either float16 or uint8-quantised
-# (p * 255, rounded): 64x64 uint8 is 4 KiB per sample, 64x smaller than float32 logits at 256 px.
-
-PROB_DTYPES = ("float16", "uint8")
+# --- records checked before they are used (the bounds and checks are common/validation.py) ------
 
 
-def encode_probs(probs, size: int, dtype: str) -> np.ndarray:
-    """(N,1,H,W) probabilities in [0,1] (torch or numpy) -> compact array at ``size`` px."""
-    import torch
-    import torch.nn.functional as F
-
-    if dtype not in PROB_DTYPES:
-        raise ValueError(f"unknown probability dtype {dtype!r}; expected one of {PROB_DTYPES}")
-    t = torch.as_tensor(probs, dtype=torch.float32)
-    if t.ndim != 4 or t.shape[1] != 1:
-        raise ValueError(f"expected probabilities of shape (N,1,H,W), got {tuple(t.shape)}")
-    if not torch.isfinite(t).all() or t.min() < 0 or t.max() > 1:
-        raise ValueError("probabilities must be finite and within [0, 1]")
-    if t.shape[-1] != size or t.shape[-2] != size:
-        t = F.interpolate(t, size=(size, size), mode="area")
-    if dtype == "float16":
-        return t.numpy().astype(np.float16)
-    return np.round(t.numpy() * 255.0).astype(np.uint8)
+def record_nbytes(record: ArrayRecord) -> int:
+    """Serialised bytes of a record's arrays (what was received, before any decoding)."""
+    return sum(len(a.data) for a in record.values())
 
 
-def decode_probs(arr: np.ndarray, expected_n: int | None = None, expected_size: int | None = None):
-    """Inverse of :func:`encode_probs`, validating dtype, shape and range; returns float32 torch.
+def check_array_bytes(record: ArrayRecord, limit: int, what: str) -> None:
+    """Reject a record whose arrays hold more bytes than ``limit``, before they are decoded."""
+    n = record_nbytes(record)
+    if n > limit:
+        raise PayloadInvalid(
+            f"{what} holds {n} bytes, more than the {limit} the protocol allows for it; not decoded"
+        )
 
-    Dtype, shape and values are checked on the array as received, before it is converted, so a
-    wrong or oversized array costs no float32 copy. ``common.validation.check_probs`` wraps this
-    with the record's name; both ends use it."""
-    import torch
 
-    arr = np.asarray(arr)
-    if arr.dtype not in (np.uint8, np.float16):
-        raise ValueError(f"probabilities must be uint8 or float16, got {arr.dtype}")
-    if arr.ndim != 4 or arr.shape[1] != 1:
-        raise ValueError(f"probabilities must have shape (N,1,S,S), got {arr.shape}")
-    if expected_n is not None and arr.shape[0] != expected_n:
-        raise ValueError(f"expected probabilities for {expected_n} samples, got {arr.shape[0]}")
-    if expected_size is not None and arr.shape[-2:] != (expected_size, expected_size):
-        raise ValueError(f"expected {expected_size}x{expected_size} probabilities, got {arr.shape[-2:]}")
-    if arr.dtype == np.uint8:
-        return torch.from_numpy(arr.astype(np.float32) / 255.0)
-    if not np.isfinite(arr).all() or arr.min(initial=0) < 0 or arr.max(initial=0) > 1:
-        raise ValueError("probabilities hold non-finite or out-of-range values")
-    return torch.from_numpy(arr.astype(np.float32))
+# --- decoding ------------------------------------------------------------------------------------
+
+
+def decode_array(array: Array, what: str) -> np.ndarray:
+    """An ``Array``'s numpy value; unreadable bytes (not ``.npy``, pickled objects) are rejected."""
+    try:
+        arr = array.numpy()
+    except Exception as exc:  # noqa: BLE001 - whatever np.load makes of the bytes, it is a bad payload
+        raise PayloadInvalid(
+            f"{what} cannot be decoded as a numpy array: {type(exc).__name__}: {exc}"
+        ) from None
+    if not isinstance(arr, np.ndarray):  # an .npz or other container
+        raise PayloadInvalid(f"{what} is not a single numpy array")
+    return arr
+
+
+def decode_record(record: ArrayRecord, what: str) -> dict[str, np.ndarray]:
+    return {k: decode_array(a, f"{what} array {k!r}") for k, a in record.items()}
+
+
+def check_probs_record(
+    record: ArrayRecord | None, n: int, size: int, dtype: str | None = None, key: str = P.KEY_SITE_PROBS
+):
+    """A probabilities record (``site-probs`` or ``soft-targets``): present, only a ``probs`` array,
+    no more bytes than ``n`` maps at ``size`` px, then :func:`check_probs`."""
+    if record is None:
+        raise PayloadInvalid(f"no '{key}' record")
+    if P.ARR_PROBS not in record:
+        raise PayloadInvalid(f"'{key}' record has no '{P.ARR_PROBS}' array")
+    extra = sorted(set(record.keys()) - {P.ARR_PROBS})
+    if extra:
+        raise PayloadInvalid(f"'{key}' record holds unexpected arrays {extra[:3]}")
+    check_array_bytes(record, probs_record_limit(n, size), f"'{key}' record")
+    arr = decode_array(record[P.ARR_PROBS], f"'{key}' array '{P.ARR_PROBS}'")
+    return check_probs(arr, n, size, dtype, what=f"'{key}'")
+
+
+def array_shapes(record: ArrayRecord) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of a record's arrays, from their metadata (nothing is decoded)."""
+    return {k: tuple(a.shape) for k, a in record.items()}
+
+
+def check_weights_record(
+    record: ArrayRecord | None, reference: Mapping[str, Iterable[int]], what: str, key: str = P.KEY_ARRAYS
+) -> dict[str, np.ndarray]:
+    """A weights record: present, within the reference model's byte size, then :func:`check_weights`."""
+    if record is None:
+        raise PayloadInvalid(f"no '{key}' record")
+    check_array_bytes(record, weights_record_limit(reference), f"'{key}' record")
+    state = decode_record(record, f"'{key}' record")
+    check_weights(state, reference, what)
+    return state
+
+
+def check_pool_record(
+    record: ArrayRecord | None,
+    *,
+    max_n: int | None = None,
+    max_size: int | None = None,
+    key: str = P.KEY_POOL,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A pool record: present with ``images`` and ``masks``, within ``max_n`` pairs at ``max_size`` px
+    by its byte size, then :func:`check_pool`."""
+    if record is None:
+        raise PayloadInvalid(f"no '{key}' record")
+    for name in (P.ARR_IMAGES, P.ARR_MASKS):
+        if name not in record:
+            raise PayloadInvalid(f"'{key}' record has no '{name}' array")
+    if max_n is not None and max_size is not None:
+        check_array_bytes(record, pool_record_limit(max_n, max_size), f"'{key}' record")
+    images = decode_array(record[P.ARR_IMAGES], f"'{key}' array '{P.ARR_IMAGES}'")
+    masks = decode_array(record[P.ARR_MASKS], f"'{key}' array '{P.ARR_MASKS}'")
+    check_pool(images, masks, max_n=max_n, max_size=max_size, what=key)
+    return images, masks
+
+
+def check_request_bytes(content, run) -> None:
+    """A site's size gate on a request, before any handler decodes it: the pool within
+    :func:`pool_bounds`, soft targets within the selected samples' (at most ``pool-size``) maps."""
+    n_pool, side = pool_bounds(run)
+    arrays = content.array_records
+    if P.KEY_POOL in arrays:
+        check_array_bytes(arrays[P.KEY_POOL], pool_record_limit(n_pool, side), f"'{P.KEY_POOL}' record")
+    if P.KEY_SOFT in arrays:
+        conf = content.config_records.get(P.KEY_CONFIG)
+        selected = conf.get(P.CFG_SELECTED, []) if conf is not None else []
+        n = len(selected) if isinstance(selected, list) and selected else n_pool
+        if n > n_pool:
+            raise PayloadInvalid(f"{n} selected samples, more than pool-size {n_pool}")
+        check_array_bytes(arrays[P.KEY_SOFT], probs_record_limit(n, run.logit_size), f"'{P.KEY_SOFT}' record")

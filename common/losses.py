@@ -12,21 +12,26 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.distributions import Bernoulli, kl_divergence
+from torch.distributions.utils import probs_to_logits as _probs_to_logits
 
 EPS = 1e-6
 
 
 def binary_kl(p: torch.Tensor, q: torch.Tensor, reduce_dims: tuple[int, ...] | None = None) -> torch.Tensor:
-    """KL(Bernoulli(p) || Bernoulli(q)) per element, or averaged over ``reduce_dims``."""
-    p = p.clamp(EPS, 1 - EPS)
-    q = q.clamp(EPS, 1 - EPS)
-    kl = p * (p.log() - q.log()) + (1 - p) * ((1 - p).log() - (1 - q).log())
+    """KL(Bernoulli(p) || Bernoulli(q)) per element (torch.distributions' closed form), or averaged
+    over ``reduce_dims``. Probabilities are kept within [EPS, 1 - EPS] first, so a hard 0/1 map gives
+    a large finite KL, not inf."""
+    kl = kl_divergence(
+        Bernoulli(probs=p.clamp(EPS, 1 - EPS), validate_args=False),
+        Bernoulli(probs=q.clamp(EPS, 1 - EPS), validate_args=False),
+    )
     return kl if reduce_dims is None else kl.mean(dim=reduce_dims)
 
 
 def probs_to_logits(p: torch.Tensor) -> torch.Tensor:
-    p = p.clamp(EPS, 1 - EPS)
-    return torch.log(p) - torch.log1p(-p)
+    """Logits of probabilities kept within [EPS, 1 - EPS] (torch's own helper, at this module's EPS)."""
+    return _probs_to_logits(p.clamp(EPS, 1 - EPS), is_binary=True)
 
 
 def kd_loss(

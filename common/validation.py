@@ -24,10 +24,9 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
 
 from common import protocol as P
-from common.codec import decode_probs
+from common.probs import decode_probs
 
 NPY_HEADER_MAX = 1024
 """Bytes allowed per array on top of its values: the ``.npy`` header (128 bytes for ordinary arrays)."""
@@ -67,40 +66,6 @@ def pool_record_limit(n: int, size: int) -> int:
     return int(n) * 4 * int(size) ** 2 + 2 * NPY_HEADER_MAX
 
 
-def record_nbytes(record: ArrayRecord) -> int:
-    """Serialised bytes of a record's arrays (what was received, before any decoding)."""
-    return sum(len(a.data) for a in record.values())
-
-
-def check_array_bytes(record: ArrayRecord, limit: int, what: str) -> None:
-    """Reject a record whose arrays hold more bytes than ``limit``, before they are decoded."""
-    n = record_nbytes(record)
-    if n > limit:
-        raise PayloadInvalid(
-            f"{what} holds {n} bytes, more than the {limit} the protocol allows for it; not decoded"
-        )
-
-
-# --- decoding ------------------------------------------------------------------------------------
-
-
-def decode_array(array: Array, what: str) -> np.ndarray:
-    """An ``Array``'s numpy value; unreadable bytes (not ``.npy``, pickled objects) are rejected."""
-    try:
-        arr = array.numpy()
-    except Exception as exc:  # noqa: BLE001 - whatever np.load makes of the bytes, it is a bad payload
-        raise PayloadInvalid(
-            f"{what} cannot be decoded as a numpy array: {type(exc).__name__}: {exc}"
-        ) from None
-    if not isinstance(arr, np.ndarray):  # an .npz or other container
-        raise PayloadInvalid(f"{what} is not a single numpy array")
-    return arr
-
-
-def decode_record(record: ArrayRecord, what: str) -> dict[str, np.ndarray]:
-    return {k: decode_array(a, f"{what} array {k!r}") for k, a in record.items()}
-
-
 # --- probabilities (soft targets, site probabilities) --------------------------------------------
 
 
@@ -108,7 +73,7 @@ def check_probs(
     arr: np.ndarray, n: int | None, size: int | None, dtype: str | None = None, what: str = "probabilities"
 ):
     """Decoded probabilities (float32 torch, (n,1,size,size), finite, in [0,1]) via
-    :func:`common.codec.decode_probs`; ``dtype`` (when given) is the run's ``logit-dtype``."""
+    :func:`common.probs.decode_probs`; ``dtype`` (when given) is the run's ``logit-dtype``."""
     arr = np.asarray(arr)
     if dtype is not None and arr.dtype != np.dtype(dtype):
         raise PayloadInvalid(f"{what}: probabilities are {arr.dtype}, the run's logit-dtype is {dtype}")
@@ -116,23 +81,6 @@ def check_probs(
         return decode_probs(arr, expected_n=n, expected_size=size)
     except ValueError as exc:
         raise PayloadInvalid(f"{what}: {exc}") from None
-
-
-def check_probs_record(
-    record: ArrayRecord | None, n: int, size: int, dtype: str | None = None, key: str = P.KEY_SITE_PROBS
-):
-    """A probabilities record (``site-probs`` or ``soft-targets``): present, only a ``probs`` array,
-    no more bytes than ``n`` maps at ``size`` px, then :func:`check_probs`."""
-    if record is None:
-        raise PayloadInvalid(f"no '{key}' record")
-    if P.ARR_PROBS not in record:
-        raise PayloadInvalid(f"'{key}' record has no '{P.ARR_PROBS}' array")
-    extra = sorted(set(record.keys()) - {P.ARR_PROBS})
-    if extra:
-        raise PayloadInvalid(f"'{key}' record holds unexpected arrays {extra[:3]}")
-    check_array_bytes(record, probs_record_limit(n, size), f"'{key}' record")
-    arr = decode_array(record[P.ARR_PROBS], f"'{key}' array '{P.ARR_PROBS}'")
-    return check_probs(arr, n, size, dtype, what=f"'{key}'")
 
 
 # --- weights -------------------------------------------------------------------------------------
@@ -157,23 +105,6 @@ def check_weights(state: Mapping[str, np.ndarray], reference: Mapping[str, Itera
             raise PayloadInvalid(f"weight {k!r} has shape {tuple(arr.shape)}, {what} needs {tuple(shape)}")
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             raise PayloadInvalid(f"weight {k!r} holds non-finite values")
-
-
-def array_shapes(record: ArrayRecord) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of a record's arrays, from their metadata (nothing is decoded)."""
-    return {k: tuple(a.shape) for k, a in record.items()}
-
-
-def check_weights_record(
-    record: ArrayRecord | None, reference: Mapping[str, Iterable[int]], what: str, key: str = P.KEY_ARRAYS
-) -> dict[str, np.ndarray]:
-    """A weights record: present, within the reference model's byte size, then :func:`check_weights`."""
-    if record is None:
-        raise PayloadInvalid(f"no '{key}' record")
-    check_array_bytes(record, weights_record_limit(reference), f"'{key}' record")
-    state = decode_record(record, f"'{key}' record")
-    check_weights(state, reference, what)
-    return state
 
 
 # --- metrics -------------------------------------------------------------------------------------
@@ -312,45 +243,7 @@ def check_pool(
         raise PayloadInvalid(f"{what} images are {images.shape[2]} px, larger than the run's {max_size} px")
 
 
-def check_pool_record(
-    record: ArrayRecord | None,
-    *,
-    max_n: int | None = None,
-    max_size: int | None = None,
-    key: str = P.KEY_POOL,
-) -> tuple[np.ndarray, np.ndarray]:
-    """A pool record: present with ``images`` and ``masks``, within ``max_n`` pairs at ``max_size`` px
-    by its byte size, then :func:`check_pool`."""
-    if record is None:
-        raise PayloadInvalid(f"no '{key}' record")
-    for name in (P.ARR_IMAGES, P.ARR_MASKS):
-        if name not in record:
-            raise PayloadInvalid(f"'{key}' record has no '{name}' array")
-    if max_n is not None and max_size is not None:
-        check_array_bytes(record, pool_record_limit(max_n, max_size), f"'{key}' record")
-    images = decode_array(record[P.ARR_IMAGES], f"'{key}' array '{P.ARR_IMAGES}'")
-    masks = decode_array(record[P.ARR_MASKS], f"'{key}' array '{P.ARR_MASKS}'")
-    check_pool(images, masks, max_n=max_n, max_size=max_size, what=key)
-    return images, masks
-
-
 def pool_bounds(run) -> tuple[int, int]:
     """(most pairs, largest side) of any pool the server of this run sends: ``pool-size`` pairs, made
     at ``gen-size`` (generator, phantom fallback) or ``image-size`` (phantoms, folder)."""
     return int(run.pool_size), max(int(run.image_size), int(run.gen_size))
-
-
-def check_request_bytes(content, run) -> None:
-    """A site's size gate on a request, before any handler decodes it: the pool within
-    :func:`pool_bounds`, soft targets within the selected samples' (at most ``pool-size``) maps."""
-    n_pool, side = pool_bounds(run)
-    arrays = content.array_records
-    if P.KEY_POOL in arrays:
-        check_array_bytes(arrays[P.KEY_POOL], pool_record_limit(n_pool, side), f"'{P.KEY_POOL}' record")
-    if P.KEY_SOFT in arrays:
-        conf = content.config_records.get(P.KEY_CONFIG)
-        selected = conf.get(P.CFG_SELECTED, []) if conf is not None else []
-        n = len(selected) if isinstance(selected, list) and selected else n_pool
-        if n > n_pool:
-            raise PayloadInvalid(f"{n} selected samples, more than pool-size {n_pool}")
-        check_array_bytes(arrays[P.KEY_SOFT], probs_record_limit(n, run.logit_size), f"'{P.KEY_SOFT}' record")

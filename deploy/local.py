@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import re
 import shutil
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +43,7 @@ from deploy.processes import (
     start,
     stop_children_on_sigterm,
     stop_group,
+    stream_until,
     toml_value,
     wait_healthy,
 )
@@ -415,31 +414,3 @@ class LocalTrial:
             self.stop()
         finally:
             self._guard.__exit__(None, None, None)
-
-
-def stream_until(proc: subprocess.Popen, deadline: float, on_line: Callable[[str], object]) -> bool:
-    """Pass ``proc``'s output lines to ``on_line`` until it exits or ``deadline`` (monotonic) passes;
-    at the deadline the process and its tree are stopped. A reader thread keeps the deadline even when
-    the process prints nothing (a hang). Returns whether it timed out."""
-    assert proc.stdout is not None
-    pending: queue.Queue[str | None] = queue.Queue()
-    threading.Thread(target=_pump, args=(proc.stdout, pending), daemon=True).start()
-    while True:
-        try:
-            line = pending.get(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
-        except queue.Empty:
-            line = ""
-        if line is None:  # the stream ended: the process exited
-            return False
-        if line:
-            on_line(line)
-        if time.monotonic() > deadline:
-            stop_group(proc)
-            return True
-
-
-def _pump(stream, out: queue.Queue) -> None:
-    """Copy a process's output lines into ``out``; None marks the end of the stream."""
-    for line in stream:
-        out.put(line)
-    out.put(None)

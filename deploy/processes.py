@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import socket
 import ssl
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -187,3 +189,31 @@ def register_node_key(public_key: Path, name: str, connection: str = "", env: di
         return int(json.loads(res.stdout)["node-id"])
     except (ValueError, KeyError, TypeError) as exc:
         raise RuntimeError(f"registering {name}'s key failed:\n{res.stdout}{res.stderr}") from exc
+
+
+def stream_until(proc: subprocess.Popen, deadline: float, on_line: Callable[[str], object]) -> bool:
+    """Pass ``proc``'s output lines to ``on_line`` until it exits or ``deadline`` (monotonic) passes;
+    at the deadline the process and its tree are stopped. A reader thread keeps the deadline even when
+    the process prints nothing (a hang). Returns whether it timed out."""
+    assert proc.stdout is not None
+    pending: queue.Queue[str | None] = queue.Queue()
+    threading.Thread(target=_pump, args=(proc.stdout, pending), daemon=True).start()
+    while True:
+        try:
+            line = pending.get(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+        except queue.Empty:
+            line = ""
+        if line is None:  # the stream ended: the process exited
+            return False
+        if line:
+            on_line(line)
+        if time.monotonic() > deadline:
+            stop_group(proc)
+            return True
+
+
+def _pump(stream, out: queue.Queue) -> None:
+    """Copy a process's output lines into ``out``; None marks the end of the stream."""
+    for line in stream:
+        out.put(line)
+    out.put(None)

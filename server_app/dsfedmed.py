@@ -32,15 +32,12 @@ from flwr.serverapp.strategy.result import Result
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from common import protocol as P
-from common.codec import encode_probs, from_array_record, to_array_record
+from common.codec import check_probs_record, encode_probs, from_array_record, to_array_record
 from common.foundation import fm_checkpoint_id, load_foundation_model
 from common.losses import DistillWeights
 from common.runtime import resolve_device
 from common.transforms import resize_pairs
-from common.validation import (
-    PayloadInvalid,
-    check_probs_record,
-)
+from common.validation import PayloadInvalid
 from server_app.fedavg import DeadlineFedAvg
 from server_app.federation import FederationStopped
 from server_app.pool_stage import PoolStage

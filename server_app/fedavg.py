@@ -20,16 +20,9 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.result import Result
 
 from common import protocol as P
-from common.codec import from_array_record
+from common.codec import array_shapes, check_weights_record, from_array_record
 from common.config import RunConfig
-from common.validation import (
-    PayloadInvalid,
-    array_shapes,
-    check_eval_metrics,
-    check_profile,
-    check_train_metrics,
-    check_weights_record,
-)
+from common.validation import PayloadInvalid, check_eval_metrics, check_profile, check_train_metrics
 from server_app.checkpoint import RunPaused, ServerState, restore_rng, save_state
 from server_app.federation import Exchange, Federation, FederationStopped
 from server_app.plots import plot_dice

@@ -17,10 +17,10 @@ import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
 from common import protocol as P
-from common.codec import to_array_record
+from common.codec import check_weights_record, to_array_record
 from common.fileio import atomic_write_text
 from common.generator import build_unet, generator_config_from_run
-from common.validation import PayloadInvalid, check_metrics, check_pool, check_weights_record
+from common.validation import PayloadInvalid, check_metrics, check_pool
 from server_app.checkpoint import ResumeError
 from server_app.federation import FederationStopped
 from server_app.synthesis import Pool, contact_sheet, folder_pool, generator_pool, phantom_pool

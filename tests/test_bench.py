@@ -10,7 +10,7 @@ import pytest
 from bench.profiles import PROFILES
 from bench.report import aggregate, judge, write_results
 from bench.runner import BenchRunner, measure_inference
-from tests.test_integration import _assert_complete_run_dir
+from tests.support import assert_complete_run_dir
 
 METHOD_KEYS = {  # the benchmark issue's schema
     "seeds",
@@ -60,7 +60,7 @@ def test_tiny_profile_writes_results_from_real_runs(tmp_path):
     assert "Mechanics only: numbers meaningless" in md and "*all-background* (floor)" in md
 
     # the run directory is complete (the FedAvg simulation test of the app itself)
-    rows, summary = _assert_complete_run_dir(
+    rows, summary = assert_complete_run_dir(
         tmp_path / "work" / "runs" / "fedavg-s0", 1, ["phantom-0", "phantom-1"]
     )
     assert summary["holdout"]["site"] == "phantom-2" and summary["holdout"]["n"] == 16

@@ -15,7 +15,7 @@ from cli.main import app
 from deploy.certs import KeySpec, make_federation_keys
 from deploy.local import LocalTrial, SiteSpec, TrialConfig
 from deploy.processes import BIN, free_port, start
-from tests.test_dsfedmed_integration import TINY as DSFEDMED_TINY
+from tests.support import DSFEDMED_TINY
 
 pytestmark = pytest.mark.integration
 

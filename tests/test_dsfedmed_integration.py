@@ -9,22 +9,9 @@ import pytest
 
 from bench.flower_sim import flwr_run
 from tests.conftest import POLYPGEN, REPO
+from tests.support import DSFEDMED_TINY as TINY
 
 pytestmark = pytest.mark.integration
-
-TINY = {
-    "method": "dsfedmed",
-    "num-rounds": 2,
-    "image-size": 32,
-    "phantom-images-per-site": 16,
-    "local-epochs": 1,
-    "batch-size": 4,
-    "pool-size": 8,
-    "logit-size": 16,
-    "selection-rho": 0.5,
-    "fm-epochs": 1,
-    "pool-score-epochs": 1,
-}
 
 
 def _rows(run_dir):

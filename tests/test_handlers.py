@@ -10,7 +10,7 @@ from client_app.app import ERR_CONFIG, ERR_DATA, ERR_PAYLOAD, app
 from client_app.errors import local_detail
 from common import protocol as P
 from common.codec import to_array_record
-from common.models import build_model
+from tests.support import global_weights
 
 RUN = {
     "method": "fedavg",
@@ -31,13 +31,6 @@ def _ctx(node=None, run=None):
     )
 
 
-def _weights():
-    import torch
-
-    torch.manual_seed(0)
-    return {k: v.numpy() for k, v in build_model("unet").state_dict().items()}
-
-
 def _msg(mtype, records):
     return Message(RecordDict(records), dst_node_id=3, message_type=mtype)
 
@@ -56,7 +49,7 @@ def test_profile_reply(task_identity):
 
 
 def test_train_reply_has_documented_keys_and_sane_values(task_identity):
-    w = _weights()
+    w = global_weights()
     rep = app(
         _msg(P.MSG_TRAIN, {P.KEY_ARRAYS: to_array_record(w), P.KEY_CONFIG: ConfigRecord({P.CFG_ROUND: 1})}),
         _ctx(),
@@ -76,7 +69,10 @@ def test_evaluate_reply(task_identity):
     rep = app(
         _msg(
             P.MSG_EVALUATE,
-            {P.KEY_ARRAYS: to_array_record(_weights()), P.KEY_CONFIG: ConfigRecord({P.CFG_SPLIT: "test"})},
+            {
+                P.KEY_ARRAYS: to_array_record(global_weights()),
+                P.KEY_CONFIG: ConfigRecord({P.CFG_SPLIT: "test"}),
+            },
         ),
         _ctx(),
     )
@@ -104,7 +100,7 @@ def test_bad_payload_gets_error_reply(task_identity, records, needle):
 
 
 def test_non_finite_weights_rejected(task_identity):
-    w = _weights()
+    w = global_weights()
     k = next(k for k in w if w[k].dtype.kind == "f")
     w[k] = w[k] * np.nan
     rep = app(_msg(P.MSG_TRAIN, {P.KEY_ARRAYS: to_array_record(w), P.KEY_CONFIG: ConfigRecord({})}), _ctx())

@@ -7,20 +7,10 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from client_app.app import ERR_PAYLOAD, app
 from client_app.errors import local_detail
 from common import protocol as P
-from common.codec import decode_probs, encode_probs, to_array_record
+from common.codec import decode_probs, to_array_record
 from common.phantoms import phantom_site
-
-RUN = {
-    "method": "dsfedmed",
-    "image-size": 32,
-    "phantom-images-per-site": 12,
-    "local-epochs": 1,
-    "batch-size": 4,
-    "logit-size": 16,
-    "gen-size": 16,
-    "gen-steps": 2,
-    "gen-batch-size": 4,
-}
+from tests.support import DSFEDMED_HANDLER_RUN as RUN
+from tests.support import phantom_pool_arrays, train_msg
 
 
 @pytest.fixture
@@ -37,39 +27,6 @@ def ctx(tmp_path):
     return make
 
 
-def _pool(n=6):
-    s = phantom_site(50, n, 32)
-    return s.images, s.masks
-
-
-def _train_msg(selected, included="all", soft=None, pool=None, pool_id="p1"):
-    images, masks = pool if pool is not None else _pool()
-    rec = RecordDict(
-        {
-            P.KEY_CONFIG: ConfigRecord(
-                {
-                    P.CFG_ROUND: 1,
-                    P.CFG_POOL_ID: pool_id,
-                    P.CFG_SELECTED: selected,
-                    P.CFG_POOL_INCLUDED: included,
-                }
-            ),
-            P.KEY_SOFT: to_array_record(
-                {
-                    P.ARR_PROBS: soft
-                    if soft is not None
-                    else encode_probs(np.full((len(selected), 1, 16, 16), 0.3), 16, "uint8")
-                }
-            ),
-        }
-    )
-    if included == "all":
-        rec[P.KEY_POOL] = to_array_record({P.ARR_IMAGES: images, P.ARR_MASKS: masks})
-    elif included == "selected":
-        rec[P.KEY_POOL] = to_array_record({P.ARR_IMAGES: images[selected], P.ARR_MASKS: masks[selected]})
-    return Message(rec, dst_node_id=3, message_type=P.MSG_TRAIN)
-
-
 def test_generator_reply_holds_weights_and_stats_only(task_identity, ctx):
     rep = app(
         Message(
@@ -84,7 +41,7 @@ def test_generator_reply_holds_weights_and_stats_only(task_identity, ctx):
 
 
 def test_logits_round_replies_with_compact_probs_only(task_identity, ctx):
-    rep = app(_train_msg([0, 2, 4]), ctx())
+    rep = app(train_msg([0, 2, 4]), ctx())
     assert not rep.has_error(), rep.error.reason if rep.has_error() else ""
     assert P.KEY_ARRAYS not in rep.content.array_records  # the site model stays at the site
     # the site answers on the whole pool (6 samples), so every sample has the sites' view
@@ -96,13 +53,13 @@ def test_logits_round_replies_with_compact_probs_only(task_identity, ctx):
     assert m["distill-steps"] == 2 and np.isfinite(m["distill-loss"])
     assert m[P.MET_STEPS] >= 1
     # the pool was cached: the next round refers to it by id only, and the model carried over
-    rep2 = app(_train_msg([1, 5], included="none"), ctx())
+    rep2 = app(train_msg([1, 5], included="none"), ctx())
     assert not rep2.has_error(), rep2.error.reason if rep2.has_error() else ""
     assert rep2.content.array_records[P.KEY_SITE_PROBS][P.ARR_PROBS].numpy().shape == (6, 1, 16, 16)
 
 
 def test_uncached_pool_is_an_error_the_server_can_act_on(task_identity, ctx):
-    rep = app(_train_msg([0], included="none", pool_id="never-sent"), ctx())
+    rep = app(train_msg([0], included="none", pool_id="never-sent"), ctx())
     # a code, not a text, tells the server to resend the pool
     assert (
         rep.has_error()
@@ -121,17 +78,17 @@ def test_uncached_pool_is_an_error_the_server_can_act_on(task_identity, ctx):
     ],
 )
 def test_bad_soft_targets_are_rejected(task_identity, ctx, soft, needle):
-    rep = app(_train_msg([0, 1], soft=soft), ctx())
+    rep = app(train_msg([0, 1], soft=soft), ctx())
     assert rep.has_error() and needle in local_detail(rep.error.reason)
 
 
 def test_bad_pool_is_rejected(task_identity, ctx):
-    images, masks = _pool()
-    rep = app(_train_msg([0], pool=(images.astype(np.float32), masks)), ctx())
+    images, masks = phantom_pool_arrays()
+    rep = app(train_msg([0], pool=(images.astype(np.float32), masks)), ctx())
     assert rep.has_error() and "uint8" in local_detail(rep.error.reason)
-    rep = app(_train_msg([0], pool=(images, masks * 7)), ctx())
+    rep = app(train_msg([0], pool=(images, masks * 7)), ctx())
     assert rep.has_error() and "masks" in local_detail(rep.error.reason)
-    rep = app(_train_msg([0], pool=(images[..., :20], masks[..., :20])), ctx())
+    rep = app(train_msg([0], pool=(images[..., :20], masks[..., :20])), ctx())
     assert (
         rep.has_error()
         and "(N,3,S,S)" in local_detail(rep.error.reason)
@@ -155,7 +112,7 @@ def test_pool_sent_at_generator_size_is_trained_on_at_image_size(task_identity, 
 
     monkeypatch.setattr(SiteTrainer, "train_with_distillation", spy)
     small = phantom_site(50, 6, 16)
-    rep = app(_train_msg([0, 3], pool=(small.images, small.masks), pool_id="g16"), ctx())
+    rep = app(train_msg([0, 3], pool=(small.images, small.masks), pool_id="g16"), ctx())
     assert not rep.has_error(), rep.error.reason if rep.has_error() else ""
     images, masks = seen[0]  # the whole pool: supervised on all, distillation on the selected two
     assert images.shape == (6, 3, 32, 32) and masks.shape == (6, 1, 32, 32)
@@ -174,7 +131,7 @@ def test_weights_mode_returns_weights_and_no_probs(task_identity, ctx):
 
     torch.manual_seed(0)
     w = {k: v.numpy() for k, v in build_model("unet").state_dict().items()}
-    msg = _train_msg([0, 1], included="selected")
+    msg = train_msg([0, 1], included="selected")
     msg.content[P.KEY_ARRAYS] = to_array_record(w)
     rep = app(msg, ctx(exchange="weights"))
     assert not rep.has_error(), rep.error.reason if rep.has_error() else ""
@@ -182,7 +139,7 @@ def test_weights_mode_returns_weights_and_no_probs(task_identity, ctx):
 
 
 def test_pool_score_reply_and_pool_cached(task_identity, ctx):
-    images, masks = _pool()
+    images, masks = phantom_pool_arrays()
     msg = Message(
         RecordDict(
             {
@@ -198,7 +155,7 @@ def test_pool_score_reply_and_pool_cached(task_identity, ctx):
     m = rep.content.metric_records[P.KEY_METRICS]
     assert 0 <= m["dice-pool"] <= 1 and 0 <= m["dice-real"] <= 1 and m["n-pool"] == len(images)
     # the pool is now cached: a train round can refer to it by id
-    rep = app(_train_msg([0, 1], included="none", pool_id="p9"), ctx())
+    rep = app(train_msg([0, 1], included="none", pool_id="p9"), ctx())
     assert not rep.has_error(), rep.error.reason if rep.has_error() else ""
 
 
@@ -211,7 +168,7 @@ def test_bootstrap_trains_on_pool_and_fm_only(task_identity, ctx, monkeypatch):
         raise AssertionError("bootstrap must not train on the site's private data")
 
     monkeypatch.setattr(SiteTrainer, "train", no_private)
-    msg = _train_msg(list(range(6)))
+    msg = train_msg(list(range(6)))
     msg.content.config_records[P.KEY_CONFIG][P.CFG_STAGE] = P.STAGE_BOOTSTRAP
     rep = app(msg, ctx(**{"holdout-epochs": 1}))
     assert not rep.has_error(), rep.error.reason if rep.has_error() else ""
@@ -222,7 +179,7 @@ def test_bootstrap_trains_on_pool_and_fm_only(task_identity, ctx, monkeypatch):
 
 
 def test_bootstrap_refused_outside_logits_exchange(task_identity, ctx):
-    msg = _train_msg(list(range(6)))
+    msg = train_msg(list(range(6)))
     msg.content.config_records[P.KEY_CONFIG][P.CFG_STAGE] = P.STAGE_BOOTSTRAP
     rep = app(msg, ctx(exchange="weights"))
     assert (

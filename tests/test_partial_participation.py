@@ -12,7 +12,7 @@ from common.config import ConfigError, parse_run_config
 from server_app.fedavg import DeadlineFedAvg
 from server_app.federation import Federation
 from server_app.rundir import RunDirectory
-from tests.test_payload_faults import FEDAVG, LoopbackGrid, _ctx, _global_weights
+from tests.support import FEDAVG, LoopbackGrid, global_weights, site_context
 
 
 class _Nodes:
@@ -67,13 +67,13 @@ def test_a_site_that_never_answers_is_dropped_only_where_it_was_asked(
 ):
     run = {**FEDAVG, "num-rounds": 3, "min-sites": 1, "sites-per-round": 2, "tensorboard": False,
            "sampling-deadline-s": 5.0, "round-timeout-s": 3.0, "evaluate-every": 3}  # fmt: skip
-    contexts = {n: _ctx(run, tmp_path, partition=n - 1, node_id=n) for n in (1, 2, 3)}
+    contexts = {n: site_context(run, tmp_path, partition=n - 1, node_id=n) for n in (1, 2, 3)}
     for c in contexts.values():
         c.node_config["num-partitions"] = 3
     grid = _Silent(contexts)
     rundir = RunDirectory.create(str(tmp_path), "", "fedavg")
     strategy = DeadlineFedAvg(parse_run_config(run), Federation(grid, poll_s=0.01), rundir)
-    strategy.start(grid, to_array_record(_global_weights()), num_rounds=3, timeout=60.0)
+    strategy.start(grid, to_array_record(global_weights()), num_rounds=3, timeout=60.0)
     assert strategy.summary_data["status"] == "completed" and strategy.summary_data["rounds"] == 3
     rows = [r for r in rundir.read_metrics() if r["round"] >= 1]
     asked = strategy.fed.participation

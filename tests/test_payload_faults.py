@@ -16,37 +16,30 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from client_app.app import ERR_PAYLOAD, app
 from client_app.errors import local_detail
 from common import protocol as P
 from common.codec import decode_probs, encode_probs, from_array_record, to_array_record
 from common.config import parse_run_config
-from common.models import build_model
 from common.phantoms import phantom_site
 from server_app.dsfedmed import DSFedMedStrategy
 from server_app.fedavg import DeadlineFedAvg
 from server_app.federation import Exchange, Federation
 from server_app.rundir import RunDirectory
-from tests.test_handlers_dsfedmed import _train_msg
+from tests.support import (
+    DSFEDMED,
+    FEDAVG,
+    LoopbackGrid,
+    StubFM,
+    StubTeacher,
+    global_weights,
+    site_context,
+    site_contexts,
+    train_msg,
+)
 
-FEDAVG = {
-    "method": "fedavg",
-    "image-size": 32,
-    "phantom-images-per-site": 12,
-    "local-epochs": 1,
-    "batch-size": 4,
-}
-DSFEDMED = {
-    **FEDAVG,
-    "method": "dsfedmed",
-    "logit-size": 16,
-    "pool-size": 8,
-    "gen-size": 16,
-    "gen-steps": 2,
-    "gen-batch-size": 4,
-}
 SELECTED = [0, 2, 4]
 POOL_N = 6  # the pool of _pool(): sites answer on all of it
 
@@ -62,21 +55,6 @@ def identity():
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
 
 
-def _ctx(run: dict, tmp, partition: int = 0, node_id: int = 3) -> Context:
-    return Context(
-        run_id=11,
-        node_id=node_id,
-        node_config={"partition-id": partition, "num-partitions": 2, "state-dir": str(tmp / "state")},
-        state=RecordDict(),
-        run_config=run,
-    )
-
-
-def _global_weights() -> dict[str, np.ndarray]:
-    torch.manual_seed(0)
-    return {k: v.numpy() for k, v in build_model("unet").state_dict().items()}
-
-
 def _pool(n: int = 6, size: int = 32):
     s = phantom_site(50, n, size)
     return s.images, s.masks
@@ -84,7 +62,7 @@ def _pool(n: int = 6, size: int = 32):
 
 def _dsfedmed_request(selected=SELECTED, pool=None, soft=None, pool_id="p1", included="all") -> Message:
     """A DSFedMed train request, as tests/test_handlers_dsfedmed.py builds them."""
-    return _train_msg(selected, included=included, soft=soft, pool=pool, pool_id=pool_id)
+    return train_msg(selected, included=included, soft=soft, pool=pool, pool_id=pool_id)
 
 
 @pytest.fixture(scope="module")
@@ -93,26 +71,26 @@ def real(identity, tmp_path_factory, one_torch_thread):
     a DSFedMed logits train reply on 3 selected samples, a generator reply and an evaluate reply."""
     tmp = tmp_path_factory.mktemp("real")
     out = {}
-    w = _global_weights()
+    w = global_weights()
     req = Message(
         RecordDict({P.KEY_ARRAYS: to_array_record(w), P.KEY_CONFIG: ConfigRecord({P.CFG_ROUND: 1})}),
         dst_node_id=3,
         message_type=P.MSG_TRAIN,
     )
-    out["fedavg"] = (req, app(req, _ctx(FEDAVG, tmp)))
+    out["fedavg"] = (req, app(req, site_context(FEDAVG, tmp)))
     out["reference"] = to_array_record(w)
     req = _dsfedmed_request()
-    out["logits"] = (req, app(req, _ctx(DSFEDMED, tmp)))
+    out["logits"] = (req, app(req, site_context(DSFEDMED, tmp)))
     req = Message(
         RecordDict({P.KEY_CONFIG: ConfigRecord({})}), dst_node_id=3, message_type=P.MSG_TRAIN_GENERATOR
     )
-    out["generator"] = (req, app(req, _ctx(DSFEDMED, tmp)))
+    out["generator"] = (req, app(req, site_context(DSFEDMED, tmp)))
     req = Message(
         RecordDict({P.KEY_ARRAYS: to_array_record(w), P.KEY_CONFIG: ConfigRecord({P.CFG_SPLIT: "val"})}),
         dst_node_id=3,
         message_type=P.MSG_EVALUATE,
     )
-    out["evaluate"] = (req, app(req, _ctx(FEDAVG, tmp)))
+    out["evaluate"] = (req, app(req, site_context(FEDAVG, tmp)))
     for name, value in out.items():
         if isinstance(value, tuple):
             assert not value[1].has_error(), f"{name}: {value[1].error.reason}"
@@ -423,44 +401,6 @@ def test_bad_generator_rejected(real, weights, stats, needle):
 # --- rounds complete without the bad reply ---------------------------------------------------------
 
 
-class LoopbackGrid:
-    """Flower's Grid, in-process: every pushed message is answered by the real ClientApp with the
-    node's Context; ``damage(node, request, reply)`` may replace a reply before the server pulls it."""
-
-    def __init__(self, contexts: dict[int, Context], damage=None):
-        self.contexts, self.damage = contexts, damage
-        self.replies: dict[str, Message] = {}
-        self.good: dict[tuple[int, str], Message] = {}  # (node, message type) -> last real reply
-        self._n = 0
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def push_messages(self, messages):
-        ids = []
-        for m in messages:
-            self._n += 1
-            mid = f"m{self._n}"
-            m.metadata.__dict__["_message_id"] = mid
-            node = m.metadata.dst_node_id
-            rep = app(m, self.contexts[node])
-            rep.metadata.__dict__["_src_node_id"] = node
-            self.good[(node, m.metadata.message_type)] = rep
-            if self.damage is not None:
-                rep = self.damage(node, m, rep)
-                rep.metadata.__dict__["_src_node_id"] = node
-            self.replies[mid] = rep
-            ids.append(mid)
-        return ids
-
-    def pull_messages(self, message_ids):
-        return [self.replies.pop(i) for i in message_ids if i in self.replies]
-
-
-def _site_contexts(run: dict, tmp) -> dict[int, Context]:
-    return {n: _ctx(run, tmp, partition=n - 1, node_id=n) for n in (1, 2)}
-
-
 def _replace(req: Message, rep: Message, **records) -> Message:
     return _damaged((req, rep), **records)
 
@@ -477,12 +417,12 @@ def test_fedavg_round_completes_without_the_nan_reply(identity, tmp_path, caplog
         return _replace(req, rep, **{P.KEY_ARRAYS: to_array_record(state)})
 
     run = {**FEDAVG, "num-rounds": 1, "min-sites": 1, "tensorboard": False, "sampling-deadline-s": 5.0}
-    grid = LoopbackGrid(_site_contexts(run, tmp_path), damage)
+    grid = LoopbackGrid(site_contexts(run, tmp_path), damage)
     cfg = parse_run_config(run)
     rundir = RunDirectory.create(str(tmp_path), "", "fedavg")
     strategy = DeadlineFedAvg(cfg, Federation(grid, poll_s=0.01), rundir)
     with caplog.at_level("WARNING", logger="dsfedmed.server"):
-        result = strategy.start(grid, to_array_record(_global_weights()), num_rounds=1, timeout=60.0)
+        result = strategy.start(grid, to_array_record(global_weights()), num_rounds=1, timeout=60.0)
     assert strategy.summary_data["status"] == "completed" and strategy.summary_data["rounds"] == 1
     row = next(r for r in rundir.read_metrics() if r["round"] == 1)
     assert "rejected train reply" in row["errors"]["phantom-1"] and "non-finite" in row["errors"]["phantom-1"]
@@ -496,46 +436,6 @@ def test_fedavg_round_completes_without_the_nan_reply(identity, tmp_path, caplog
         )
 
 
-class _StubFM:
-    def num_parameters(self):
-        return 1
-
-
-class _StubTeacher:
-    """Stands in for the foundation model (LiteMedSAM takes a minute per pool on a test machine):
-    constant soft targets; ``distill`` records the ensemble the strategy hands it."""
-
-    seen: list = []
-    embed_seconds = 0.0
-
-    def __init__(self, fm, images, masks, *_a, **_k):
-        self.masks = torch.from_numpy(masks).float()
-
-    def probs(self, idx, size):
-        n = len(self.masks) if idx is None else len(idx)
-        return torch.full((n, 1, size, size), 0.5)
-
-    def masks_at(self, idx, size):
-        m = self.masks[np.asarray(idx)]
-        return (torch.nn.functional.interpolate(m, size=(size, size), mode="area") >= 0.5).float()
-
-    def distill(self, idx, ens, *_a, **_k):
-        _StubTeacher.seen.append((np.asarray(idx).copy(), ens.detach().clone()))
-        return 0.0
-
-    def adapt(self, *_a, **_k):
-        return 0.0
-
-    def decoder_state(self):
-        return {"w": np.zeros(1, np.float32)}
-
-    def state(self):
-        return {}
-
-    def load_state(self, state):
-        pass
-
-
 def test_dsfedmed_ensemble_is_not_poisoned_by_nan_probs(
     identity, tmp_path, monkeypatch, caplog, one_torch_thread
 ):
@@ -543,10 +443,10 @@ def test_dsfedmed_ensemble_is_not_poisoned_by_nan_probs(
     and the ensemble the FM is distilled towards is site 1's probabilities alone."""
     import server_app.dsfedmed as dsm
 
-    monkeypatch.setattr(dsm, "load_foundation_model", lambda *a, **k: _StubFM())
-    monkeypatch.setattr(dsm, "FoundationTeacher", _StubTeacher)
+    monkeypatch.setattr(dsm, "load_foundation_model", lambda *a, **k: StubFM())
+    monkeypatch.setattr(dsm, "FoundationTeacher", StubTeacher)
     monkeypatch.setattr(dsm, "fm_checkpoint_id", lambda *_a: "stub")
-    _StubTeacher.seen = []
+    StubTeacher.seen = []
 
     def damage(node, req, rep):
         if node != 2 or req.metadata.message_type != P.MSG_TRAIN or rep.has_error():
@@ -567,16 +467,16 @@ def test_dsfedmed_ensemble_is_not_poisoned_by_nan_probs(
         "selection-rho": 0.5,
         "fm-epochs": 1,
     }
-    grid = LoopbackGrid(_site_contexts(run, tmp_path), damage)
+    grid = LoopbackGrid(site_contexts(run, tmp_path), damage)
     rundir = RunDirectory.create(str(tmp_path), "", "dsfedmed")
     strategy = DSFedMedStrategy(parse_run_config(run), Federation(grid, poll_s=0.01), rundir)
     with caplog.at_level("WARNING", logger="dsfedmed.server"):
-        strategy.start(grid, to_array_record(_global_weights()), num_rounds=1, timeout=60.0)
+        strategy.start(grid, to_array_record(global_weights()), num_rounds=1, timeout=60.0)
     assert strategy.summary_data["status"] == "completed" and strategy.summary_data["rounds"] == 1
     row = next(r for r in rundir.read_metrics() if r["round"] == 1)
     assert "non-finite" in row["errors"]["phantom-1"] and "site-probs" in row["errors"]["phantom-1"]
     assert "site phantom-1: rejected train reply" in caplog.text
-    ((idx, ens),) = _StubTeacher.seen
+    ((idx, ens),) = StubTeacher.seen
     site1 = grid.good[(1, P.MSG_TRAIN)].content.array_records[P.KEY_SITE_PROBS][P.ARR_PROBS].numpy()
     expected = decode_probs(site1, len(idx), 16)
     assert torch.isfinite(ens).all()
@@ -588,7 +488,7 @@ def test_dsfedmed_ensemble_is_not_poisoned_by_nan_probs(
 
 def test_pool_larger_than_the_run_allows_is_refused_unread(identity, tmp_path, no_decode):
     images, masks = _pool(40)  # pool-size is 8
-    rep = app(_dsfedmed_request(pool=(images, masks)), _ctx(DSFEDMED, tmp_path))
+    rep = app(_dsfedmed_request(pool=(images, masks)), site_context(DSFEDMED, tmp_path))
     assert rep.has_error() and rep.error.code == ERR_PAYLOAD
     assert "'pool' record holds" in local_detail(rep.error.reason) and "bytes, more than" in local_detail(
         rep.error.reason
@@ -598,20 +498,20 @@ def test_pool_larger_than_the_run_allows_is_refused_unread(identity, tmp_path, n
 
 def test_pool_at_a_larger_size_than_the_run_makes_is_refused(identity, tmp_path):
     images, masks = _pool(6, 128)  # image-size 32, gen-size 16: no pool is made at 128 px
-    rep = app(_dsfedmed_request(pool=(images, masks)), _ctx(DSFEDMED, tmp_path))
+    rep = app(_dsfedmed_request(pool=(images, masks)), site_context(DSFEDMED, tmp_path))
     assert rep.has_error() and "'pool' record holds" in local_detail(rep.error.reason)
 
 
 def test_huge_soft_targets_are_refused_unread(identity, tmp_path, no_decode):
     soft = np.zeros((3, 1, 512, 512), np.uint8)
-    rep = app(_dsfedmed_request(soft=soft), _ctx(DSFEDMED, tmp_path))
+    rep = app(_dsfedmed_request(soft=soft), site_context(DSFEDMED, tmp_path))
     assert rep.has_error() and rep.error.code == ERR_PAYLOAD
     assert "'soft-targets' record holds" in local_detail(rep.error.reason)
     assert no_decode == []
 
 
 def test_more_selected_samples_than_the_pool_is_refused(identity, tmp_path):
-    rep = app(_dsfedmed_request(selected=list(range(9))), _ctx(DSFEDMED, tmp_path))
+    rep = app(_dsfedmed_request(selected=list(range(9))), site_context(DSFEDMED, tmp_path))
     assert rep.has_error() and "9 selected samples, more than pool-size 8" in local_detail(rep.error.reason)
 
 
@@ -624,9 +524,9 @@ def test_undecodable_pool_and_non_uint8_masks_are_refused(identity, tmp_path):
             P.ARR_MASKS: Array("uint8", tuple(masks.shape), "numpy.ndarray", b"junk"),
         }
     )
-    rep = app(req, _ctx(DSFEDMED, tmp_path))
+    rep = app(req, site_context(DSFEDMED, tmp_path))
     assert rep.has_error() and "'pool' array 'masks' cannot be decoded" in local_detail(rep.error.reason)
-    rep = app(_dsfedmed_request(pool=(images, masks.astype(bool))), _ctx(DSFEDMED, tmp_path))
+    rep = app(_dsfedmed_request(pool=(images, masks.astype(bool))), site_context(DSFEDMED, tmp_path))
     assert (
         rep.has_error()
         and "masks must be {0,1} uint8" in local_detail(rep.error.reason)
@@ -639,7 +539,7 @@ def test_damaged_cached_pool_asks_for_a_resend(identity, tmp_path):
 
     images, masks = _pool()
     SiteStore(str(tmp_path / "state"), 11, "phantom-0").save_pool("pbad", images, masks * 7)
-    rep = app(_dsfedmed_request(included="none", pool_id="pbad"), _ctx(DSFEDMED, tmp_path))
+    rep = app(_dsfedmed_request(included="none", pool_id="pbad"), site_context(DSFEDMED, tmp_path))
     assert (
         rep.has_error()
         and "not cached at this site" in local_detail(rep.error.reason)
@@ -648,7 +548,7 @@ def test_damaged_cached_pool_asks_for_a_resend(identity, tmp_path):
 
 
 def test_weights_of_a_wrong_dtype_are_refused_by_the_site(identity, tmp_path):
-    w = _global_weights()
+    w = global_weights()
     k = next(k for k, v in w.items() if v.dtype.kind == "f")
     w[k] = w[k].astype(np.complex64)
     req = Message(
@@ -656,7 +556,7 @@ def test_weights_of_a_wrong_dtype_are_refused_by_the_site(identity, tmp_path):
         dst_node_id=3,
         message_type=P.MSG_TRAIN,
     )
-    rep = app(req, _ctx(FEDAVG, tmp_path))
+    rep = app(req, site_context(FEDAVG, tmp_path))
     assert (
         rep.has_error()
         and rep.error.code == ERR_PAYLOAD
@@ -709,7 +609,7 @@ def test_a_malformed_profile_drops_that_site_and_the_run_goes_on(identity, tmp_p
         return _replace(req, rep, **{P.KEY_PROFILE: ConfigRecord(prof)})
 
     run = {**FEDAVG, "num-rounds": 1, "min-sites": 1, "tensorboard": False, "sampling-deadline-s": 5.0}
-    grid = LoopbackGrid(_site_contexts(run, tmp_path), damage)
+    grid = LoopbackGrid(site_contexts(run, tmp_path), damage)
     strategy = DeadlineFedAvg(
         parse_run_config(run), Federation(grid, poll_s=0.01), RunDirectory(tmp_path / "r")
     )

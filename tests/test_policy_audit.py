@@ -13,7 +13,8 @@ from client_app.privacy import epsilon, privatize_probs
 from common import protocol as P
 from common.codec import decode_probs
 from common.config import ConfigError
-from tests.test_handlers_dsfedmed import RUN, _train_msg
+from tests.support import DSFEDMED_HANDLER_RUN as RUN
+from tests.support import global_weights, train_msg
 
 
 @pytest.fixture
@@ -43,7 +44,7 @@ def _gen_msg():
 
 
 def test_every_reply_is_audited_with_its_arrays_and_the_request_config(task_identity, site, tmp_path):
-    rep = app(_train_msg([0, 2, 4]), site())
+    rep = app(train_msg([0, 2, 4]), site())
     assert not rep.has_error(), rep.error.reason if rep.has_error() else ""
     (entry,) = _audit(tmp_path)
     assert entry["site"] == "h0" and entry["run_id"] == 11 and entry["round"] == 1
@@ -83,7 +84,7 @@ def test_policy_refuses_generator_upload_before_training(task_identity, site, tm
     ],
 )
 def test_policy_rules_name_themselves(task_identity, site, tmp_path, policy, rule):
-    rep = app(_train_msg([0, 1]), site(policy=policy))
+    rep = app(train_msg([0, 1]), site(policy=policy))
     assert (
         rep.has_error()
         and rep.error.code == ERR_POLICY
@@ -94,10 +95,11 @@ def test_policy_rules_name_themselves(task_identity, site, tmp_path, policy, rul
 
 def test_policy_refuses_weights_upload(task_identity, site, tmp_path):
     from common.codec import to_array_record
-    from tests.test_handlers import _weights
 
     msg = Message(
-        RecordDict({P.KEY_ARRAYS: to_array_record(_weights()), P.KEY_CONFIG: ConfigRecord({P.CFG_ROUND: 1})}),
+        RecordDict(
+            {P.KEY_ARRAYS: to_array_record(global_weights()), P.KEY_CONFIG: ConfigRecord({P.CFG_ROUND: 1})}
+        ),
         dst_node_id=3,
         message_type=P.MSG_TRAIN,
     )
@@ -106,7 +108,7 @@ def test_policy_refuses_weights_upload(task_identity, site, tmp_path):
 
 
 def test_bad_policy_files_are_config_errors_naming_the_file(task_identity, site, tmp_path):
-    rep = app(_train_msg([0]), site(policy="max-reply-bytes = -3\n"))
+    rep = app(train_msg([0]), site(policy="max-reply-bytes = -3\n"))
     assert rep.has_error() and rep.error.code == ERR_CONFIG
     assert "policy.toml" in local_detail(rep.error.reason) and "max-reply-bytes" in local_detail(
         rep.error.reason
@@ -130,7 +132,7 @@ def test_dp_noises_uploads_and_accounts_epsilon_until_the_cap(task_identity, sit
     cap = (eps[1] + eps[2]) / 2  # the cap falls after two uploads
     policy = f"[dp]\nenabled = true\nclip = 2.0\nnoise-multiplier = 2.0\ndelta = 1e-5\nmax-epsilon = {cap}\n"
     ctx = site(policy=policy)
-    reps = [app(_train_msg([0, 1, 2], included="all" if i == 0 else "none"), ctx) for i in range(3)]
+    reps = [app(train_msg([0, 1, 2], included="all" if i == 0 else "none"), ctx) for i in range(3)]
     for rep in reps[:2]:
         assert not rep.has_error(), rep.error.reason if rep.has_error() else ""
         # the answer covers the whole pool (6 samples): that is what DP noises and accounts for
@@ -151,18 +153,18 @@ def test_a_new_run_or_state_key_does_not_reset_the_sites_budget(task_identity, s
     one = epsilon([2.0], 1e-5)
     policy = f"[dp]\nenabled = true\nclip = 2.0\nnoise-multiplier = 2.0\nmax-epsilon = {one * 1.01}\n"
     ctx = site(policy=policy)
-    assert not app(_train_msg([0, 1]), ctx).has_error()
+    assert not app(train_msg([0, 1]), ctx).has_error()
     fresh = Context(
         run_id=99, node_id=3, node_config=ctx.node_config, state=RecordDict(), run_config=ctx.run_config
     )
-    req = _train_msg([0, 1])
+    req = train_msg([0, 1])
     req.content.config_records["config"][P.CFG_STATE_KEY] = 123456
     rep = app(req, fresh)
     assert rep.has_error() and "(rule dp.max-epsilon)" in rep.error.reason
     assert "over every run" in local_detail(rep.error.reason)
     # a damaged ledger never hands out a fresh budget
     (tmp_path / "state" / "privacy-ledger.json").write_text("{not json")
-    rep = app(_train_msg([0, 1]), fresh)
+    rep = app(train_msg([0, 1]), fresh)
     assert rep.has_error() and "ledger" in local_detail(rep.error.reason)
 
 
@@ -170,7 +172,7 @@ def test_dp_refuses_weights_and_un_noised_generators(task_identity, site):
     """Under [dp] nothing un-noised leaves: weights (hybrid/weights exchange, FedAvg) and a
     generator trained without DP-SGD are refused."""
     policy = "[dp]\nenabled = true\n"
-    rep = app(_train_msg([0, 1]), site(policy=policy, exchange="hybrid"))
+    rep = app(train_msg([0, 1]), site(policy=policy, exchange="hybrid"))
     assert rep.has_error() and "(rule dp.enabled)" in rep.error.reason
     rep = app(_gen_msg(), site(policy=policy))
     assert rep.has_error() and "(rule generator-dp.enabled)" in rep.error.reason
@@ -212,13 +214,13 @@ def test_dp_sgd_generator_reports_its_epsilon(task_identity, site):
 def test_unwritable_audit_log_stops_the_reply(task_identity, site, tmp_path):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
-    rep = app(_train_msg([0]), site(audit=str(blocker / "audit.jsonl")))
+    rep = app(train_msg([0]), site(audit=str(blocker / "audit.jsonl")))
     assert rep.has_error() and rep.error.code == ERR_AUDIT and "audit.jsonl" in local_detail(rep.error.reason)
     assert str(tmp_path) not in rep.error.reason and "audit" in rep.error.reason
 
 
 def test_audit_off(task_identity, site, tmp_path):
-    rep = app(_train_msg([0]), site(audit="off"))
+    rep = app(train_msg([0]), site(audit="off"))
     assert not rep.has_error()
     assert not (tmp_path / "state" / "audit.jsonl").exists()
 

@@ -19,17 +19,16 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from common.codec import decode_probs, encode_probs, from_array_record, to_array_record
-from common.data import SiteDataError, load_site_folder
-from common.validation import (
-    PayloadInvalid,
+from common.codec import (
     check_array_bytes,
-    check_metrics,
-    check_pool,
-    check_weights,
     decode_array,
-    probs_record_limit,
+    decode_probs,
+    encode_probs,
+    from_array_record,
+    to_array_record,
 )
+from common.data import SiteDataError, load_site_folder
+from common.validation import PayloadInvalid, check_metrics, check_pool, check_weights, probs_record_limit
 
 # PIL warns (and goes on) on damaged TIFF metadata that the random files are full of
 pytestmark = pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning")

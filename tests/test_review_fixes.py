@@ -10,7 +10,7 @@ from flwr.app import Message, RecordDict
 
 from common import protocol as P
 from common.config import parse_run_config
-from deploy.local import stream_until
+from deploy.processes import stream_until
 from server_app import dsfedmed as ds
 from server_app.federation import Federation
 from server_app.rundir import RunDirectory
@@ -29,6 +29,47 @@ def test_a_silent_child_still_times_out():
     assert time.monotonic() - t0 < 20 and proc.poll() is not None
     quick = subprocess.Popen(["echo", "done"], stdout=subprocess.PIPE, text=True)
     assert stream_until(quick, time.monotonic() + 30, seen.append) is False and seen[-1] == "done\n"
+
+
+FAKE_FLWR = """#!/bin/bash
+# stands in for the flwr CLI: 'run' starts run 42 and a child, then hangs without a word
+case "$1" in
+  run) echo "Successfully started run 42"; sleep 300 & echo $! > "$FAKE_DIR/child.pid"; wait ;;
+  stop) echo "$2" >> "$FAKE_DIR/stopped" ;;
+  list) echo '{"runs": [{"run-id": "42", "status": "running"}]}' ;;
+esac
+"""
+
+
+def test_a_bench_timeout_stops_the_cli_its_children_and_the_run(tmp_path, monkeypatch):
+    """bench's flwr_run killed only the CLI on timeout (subprocess.run): the run went on in the
+    SuperLink and anything the CLI started lived on. Now its process group is stopped and the run
+    is stopped by the id read from the streamed output."""
+    import os
+
+    from bench import flower_sim
+
+    (tmp_path / "flwr").write_text(FAKE_FLWR)
+    (tmp_path / "flwr").chmod(0o755)
+    monkeypatch.setattr(flower_sim, "BIN", tmp_path)
+    link = flower_sim.SimulationLink({**os.environ, "FAKE_DIR": str(tmp_path)}, pid=0, log=tmp_path / "log")
+    t0 = time.monotonic()
+    try:
+        flower_sim.flwr_run(link, tmp_path, {"num-rounds": 1}, num_supernodes=2, timeout_s=3)
+        raise AssertionError("flwr_run returned although the CLI hung")
+    except TimeoutError as exc:
+        assert "42" in str(exc)
+    assert time.monotonic() - t0 < 30
+    assert (tmp_path / "stopped").read_text().split() == ["42"]
+    child = int((tmp_path / "child.pid").read_text())
+    alive, deadline = True, time.monotonic() + 10
+    while alive and time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)  # a stopped child is reaped by init within moments
+            time.sleep(0.2)
+        except ProcessLookupError:
+            alive = False
+    assert not alive, "a process the CLI started outlived the timeout"
 
 
 class _SlowGrid:

@@ -9,7 +9,8 @@ from flwr.app import Context, RecordDict
 from client_app.app import app
 from client_app.state import SiteStore
 from common import protocol as P
-from tests.test_handlers_dsfedmed import RUN, _train_msg
+from tests.support import DSFEDMED_HANDLER_RUN as RUN
+from tests.support import train_msg
 
 
 def _w(v: float) -> dict[str, np.ndarray]:
@@ -42,7 +43,7 @@ def test_a_round_asked_again_gives_the_same_reply_and_optimisers_persist(task_id
         return rep.content.array_records[P.KEY_SITE_PROBS][P.ARR_PROBS].numpy()
 
     def msg(rnd, included):
-        m = _train_msg([0, 1, 2], included=included)
+        m = train_msg([0, 1, 2], included=included)
         m.content.config_records[P.KEY_CONFIG][P.CFG_ROUND] = rnd
         m.content.config_records[P.KEY_CONFIG][P.CFG_STATE_KEY] = 99  # a resumed run's key
         return m

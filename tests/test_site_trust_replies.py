@@ -18,9 +18,8 @@ from client_app.errors import local_detail
 from client_app.outgoing import OutgoingViolation, check_reply
 from common import protocol as P
 from common.codec import to_array_record
-from common.models import build_model
 from common.phantoms import phantom_site
-from tests.test_handlers_dsfedmed import _train_msg
+from tests.support import global_weights, train_msg
 
 STEMS = [f"mrn4471-doe-jane-{i:03d}" for i in range(12)]
 RUN = {"image-size": 32, "local-epochs": 1, "batch-size": 4, "gen-steps": 2, "gen-batch-size": 4}
@@ -76,13 +75,6 @@ def _forbidden(folder: Path) -> set[str]:
     return names | hashes | {h[:16] for h in hashes} | {str(folder)}
 
 
-def _weights() -> dict:
-    import torch
-
-    torch.manual_seed(0)
-    return {k: v.numpy() for k, v in build_model("unet").state_dict().items()}
-
-
 def _requests() -> list[tuple[str, Message, dict]]:
     def msg(mtype, records):
         return Message(RecordDict(records), dst_node_id=3, message_type=mtype)
@@ -94,14 +86,19 @@ def _requests() -> list[tuple[str, Message, dict]]:
         ("profile", msg(P.MSG_QUERY_PROFILE, {}), fedavg),
         (
             "train",
-            msg(P.MSG_TRAIN, {P.KEY_ARRAYS: to_array_record(_weights()), P.KEY_CONFIG: ConfigRecord({})}),
+            msg(
+                P.MSG_TRAIN, {P.KEY_ARRAYS: to_array_record(global_weights()), P.KEY_CONFIG: ConfigRecord({})}
+            ),
             fedavg,
         ),
         (
             "evaluate",
             msg(
                 P.MSG_EVALUATE,
-                {P.KEY_ARRAYS: to_array_record(_weights()), P.KEY_CONFIG: ConfigRecord({P.CFG_SPLIT: "val"})},
+                {
+                    P.KEY_ARRAYS: to_array_record(global_weights()),
+                    P.KEY_CONFIG: ConfigRecord({P.CFG_SPLIT: "val"}),
+                },
             ),
             fedavg,
         ),
@@ -111,11 +108,11 @@ def _requests() -> list[tuple[str, Message, dict]]:
             msg(P.MSG_EVALUATE_POOL, {P.KEY_CONFIG: ConfigRecord({P.CFG_POOL_ID: "p1"}), P.KEY_POOL: pool}),
             {"method": "dsfedmed", "pool-score-epochs": 1},
         ),
-        ("dsfedmed train", _train_msg([0, 2]), {"method": "dsfedmed", "logit-size": 16}),
+        ("dsfedmed train", train_msg([0, 2]), {"method": "dsfedmed", "logit-size": 16}),
         # failures: a missing pool, a bad request, a config the site cannot run
         (
             "no pool",
-            _train_msg([0], included="none", pool_id="never-sent"),
+            train_msg([0], included="none", pool_id="never-sent"),
             {"method": "dsfedmed", "logit-size": 16},
         ),
         ("bad payload", msg(P.MSG_TRAIN, {P.KEY_CONFIG: ConfigRecord({})}), fedavg),
@@ -234,7 +231,7 @@ def test_the_sites_own_request_bound_holds_whatever_the_run_config(task_identity
     ctx = _ctx(folder, tmp_path, method="fedavg")
     ctx.node_config["policy-file"] = str(policy)
     request = Message(
-        RecordDict({P.KEY_ARRAYS: to_array_record(_weights()), P.KEY_CONFIG: ConfigRecord({})}),
+        RecordDict({P.KEY_ARRAYS: to_array_record(global_weights()), P.KEY_CONFIG: ConfigRecord({})}),
         dst_node_id=3,
         message_type=P.MSG_TRAIN,
     )
@@ -261,10 +258,10 @@ def test_a_resized_copy_of_a_site_image_is_caught_and_not_sent(task_identity, fo
     def leaky(self, images):
         return F.interpolate(grey, size=(32, 32), mode="bilinear").repeat(len(images), 1, 1, 1)
 
-    honest = app(_train_msg([0, 2]), ctx)
+    honest = app(train_msg([0, 2]), ctx)
     assert not honest.has_error(), local_detail(honest.error.reason)  # real answers pass the check
     monkeypatch.setattr(trainer.SiteTrainer, "predict_probs", leaky)
-    reply = app(_train_msg([0, 2], included="none"), ctx)
+    reply = app(train_msg([0, 2], included="none"), ctx)
     assert reply.has_error() and reply.error.code == ERR_INTERNAL
     assert "correlates" in local_detail(reply.error.reason) and "site image 3" in local_detail(
         reply.error.reason
