@@ -6,11 +6,9 @@ import os
 import statistics
 import threading
 import time
-from pathlib import Path
 
+import psutil
 import torch
-
-from deploy.processes import descendants
 
 
 def inference_ms(model: torch.nn.Module, image_size: int, repeats: int, warmup: int = 2) -> float:
@@ -28,21 +26,18 @@ def inference_ms(model: torch.nn.Module, image_size: int, repeats: int, warmup: 
     return float(statistics.median(times))
 
 
-def _rss_kb(entry: Path) -> int:
-    for line in (entry / "status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0  # a kernel thread or a zombie
-
-
 def tree_rss_kb(root: int) -> int:
-    """Summed resident memory of ``root`` and all its descendants (:func:`deploy.processes.descendants`:
-    a process group is not enough, Flower's SuperExec starts its own session)."""
+    """Summed resident memory (kB) of ``root`` and all its descendants (psutil; a process group is
+    not enough, Flower's SuperExec starts its own session)."""
     total = 0
-    for pid in [root, *descendants(root)]:
+    try:
+        procs = [psutil.Process(root), *psutil.Process(root).children(recursive=True)]
+    except psutil.Error:
+        return 0
+    for proc in procs:
         try:
-            total += _rss_kb(Path(f"/proc/{pid}"))
-        except (OSError, ValueError):
+            total += proc.memory_info().rss // 1024
+        except psutil.Error:
             continue  # the process ended while we looked
     return total
 

@@ -64,10 +64,8 @@ def epsilon(releases: list[float], delta: float) -> float:
     if not releases:
         return 0.0
     acc = RDPAccountant()
-    by_z: dict[float, int] = {}
-    for z in releases:
-        by_z[z] = by_z.get(z, 0) + 1
-    acc.history = [(z, 1.0, k) for z, k in by_z.items()]
+    for z in sorted(releases):  # opacus merges consecutive equal steps: one history entry per z
+        acc.step(noise_multiplier=z, sample_rate=1.0)
     return float(acc.get_epsilon(delta=delta))
 
 

@@ -30,10 +30,14 @@ from common.validation import (
 
 
 def to_array_record(state: dict[str, np.ndarray]) -> ArrayRecord:
+    """Named numpy arrays as a record. Kept because Flower builds an ArrayRecord from Arrays, a torch
+    state dict or an *unnamed* list of ndarrays; the protocol's records are named numpy arrays
+    (probabilities, the pool, weights that both ends check as numpy)."""
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
 
 
 def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """A record's arrays by name (``ArrayRecord.to_numpy_ndarrays`` drops the names)."""
     return {k: v.numpy() for k, v in record.items()}
 
 

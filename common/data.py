@@ -11,7 +11,9 @@ damaged file becomes a report line, never an exception out of the loader: the lo
 Images are converted to 3-channel RGB (grayscale is replicated, the source channel count is kept),
 resized to ``image_size``x``image_size`` and stored as uint8; masks become {0,1} uint8 foreground
 (any label > 0).  A decoded site is cached on disk (keyed by file names, sizes, mtimes and the
-image size) because Flower may start a fresh ClientApp process for every message.
+image size) because Flower may start a fresh ClientApp process for every message. Kept rather than
+MONAI's datasets: ``PersistentDataset`` stores torch pickles, which the project never loads from
+disk, and ``CacheDataset`` lives in one process's memory; this cache is a pickle-free ``.npz``.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import psutil
 
 BIN = Path(sys.executable).parent
 
@@ -63,26 +64,12 @@ def wait_healthy(
 
 
 def descendants(root: int) -> list[int]:
-    """Every process below ``root``, found through the parent ids in /proc (a process group is not
-    enough: Flower's SuperExec starts its own session, and the simulation, Ray and the ClientApps
-    live under it)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])  # field 4 of /proc/PID/stat
-        except (OSError, ValueError, IndexError):
-            continue  # the process ended while we looked
-        children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], list(children.get(root, []))
-    while todo:
-        pid = todo.pop()
-        if pid not in out:
-            out.append(pid)
-            todo.extend(children.get(pid, []))
-    return out
+    """Every process below ``root`` (psutil, by parent ids: a process group is not enough, Flower's
+    SuperExec starts its own session, and the simulation, Ray and the ClientApps live under it)."""
+    try:
+        return [c.pid for c in psutil.Process(root).children(recursive=True)]
+    except psutil.Error:  # root ended while we looked
+        return []
 
 
 def stop_group(proc: subprocess.Popen, grace_s: float = 15) -> None:
@@ -127,11 +114,11 @@ def _stop_pids(pids: list[int], grace_s: float) -> None:
 
 
 def _running(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie has ended)."""
     try:
-        state = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
         return False
-    return state[state.rindex(")") + 2] != "Z"  # a zombie has ended
 
 
 def flwr_base_env(flwr_home: Path) -> dict[str, str]:
