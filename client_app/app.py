@@ -160,6 +160,7 @@ def train(msg: Message, context: Context) -> Message:
     if saved is not None:
         tr.optim_states = dict(saved[1])
     metrics = tr.train(TrainSettings.from_run(run, server_round))
+    metrics.update(_own_validation(tr, cfg))
     store.save_optimizer(tr.optim_states, server_round)
     content = RecordDict(
         {
@@ -168,6 +169,26 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     return Message(content, reply_to=msg)
+
+
+def _own_validation(tr: SiteTrainer, cfg: ConfigRecord) -> dict[str, float]:
+    """With ``evaluate-in-train``: the trained model's validation scores for the train reply,
+    ``val-`` prefixed (the site guard has already applied the site's evaluate policy to the request;
+    only the validation split may be asked for this way)."""
+    split = cfg.get(P.CFG_EVALUATE_SPLIT)
+    if split is None:
+        return {}
+    if split != "val":
+        raise PayloadError(f"a train request may ask for validation on 'val' only, not {split!r}")
+    res = tr.evaluate("val")
+    keys = {
+        "dice": P.MET_DICE,
+        "iou": P.MET_IOU,
+        "dice05": P.MET_DICE05,
+        "iou05": P.MET_IOU05,
+        "n": P.MET_NUM_EXAMPLES,
+    }
+    return {P.MET_VAL_PREFIX + name: float(res[k]) for k, name in keys.items()}
 
 
 @app.evaluate()
@@ -367,6 +388,8 @@ def _train_dsfedmed(msg: Message, context: Context, run: RunConfig, node: NodeCo
             "stage": "bootstrap" if bootstrap else "train",
         },
     )
+    if not bootstrap:
+        metrics.update(_own_validation(tr, cfg))
     content = RecordDict({P.KEY_METRICS: MetricRecord({k: float(v) for k, v in metrics.items()})})
     if bootstrap:
         return Message(content, reply_to=msg)

@@ -67,6 +67,8 @@ def site_guard(msg: Message, context: Context, call_next: Callable[[Message, Con
             policy.check_request_size(sum(record_nbytes(r) for r in msg.content.array_records.values()))
             if msg.metadata.message_type == P.MSG_EVALUATE:
                 policy.check_evaluate(_requested_split(msg), _evaluate_counter(node), int(context.run_id))
+            if msg.metadata.message_type == P.MSG_TRAIN:
+                _apply_policy_to_own_validation(msg, policy, node, int(context.run_id))
             if msg.metadata.message_type == P.MSG_TRAIN and policy.dp.enabled:
                 run = parse_run_config(context.run_config)  # refused before any work, not only after
                 policy.check_dp_run(run.method, run.exchange)
@@ -146,6 +148,21 @@ def _check_no_image_copies(reply: Message, context: Context) -> None:
     hits = image_copies(arrays, site.images)
     if hits:
         raise OutgoingViolation("; ".join(hits))
+
+
+def _apply_policy_to_own_validation(msg: Message, policy, node: NodeConfig, run_id: int) -> None:
+    """A train request that also asks for validation (``evaluate-in-train``) is held to the same
+    evaluate policy as an evaluate request (allowed splits, requests per run). Where the policy says
+    no, the request is trained without it: the site's training is not lost to a scoring rule, and
+    the server sees no scores from this site for the round."""
+    conf = msg.content.config_records.get(P.KEY_CONFIG)
+    if conf is None or P.CFG_EVALUATE_SPLIT not in conf:
+        return
+    try:
+        policy.check_evaluate(str(conf[P.CFG_EVALUATE_SPLIT]), _evaluate_counter(node), run_id)
+    except PolicyViolation as exc:
+        log.warning("train request's validation declined by policy (%s): %s", exc.rule, exc)
+        del conf[P.CFG_EVALUATE_SPLIT]
 
 
 def _requested_split(msg: Message) -> str:

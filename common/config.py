@@ -222,7 +222,14 @@ class RunConfig(_Strict):
         le=1000,
         description="logits exchange: epochs the held-out site distils from the final FM on the pool",
     )
-    evaluate_every: int = Field(1, ge=1, description="validation every k rounds (the last round always)")
+    evaluate_every: int = Field(
+        1, ge=0, description="validation every k rounds (the last round always); 0 = none until the final test"
+    )
+    evaluate_in_train: bool = Field(
+        False,
+        description="a due validation travels in the train reply (the site's model after its training, "
+        "before any aggregation) instead of separate evaluate messages",
+    )
     # outputs and machine
     tensorboard: bool = Field(True, description="also write per-round metrics for TensorBoard when installed")
     runs_root: str = "runs"

@@ -39,7 +39,7 @@ from common.runtime import resolve_device
 from common.transforms import resize_pairs
 from common.validation import PayloadInvalid
 from server_app.fedavg import DeadlineFedAvg
-from server_app.federation import FederationStopped
+from server_app.federation import Exchange, FederationStopped
 from server_app.pool_stage import PoolStage
 from server_app.round_state import Replies, RoundState, Selection
 from server_app.selection import SelectionConfig, select
@@ -146,12 +146,14 @@ class DSFedMedStrategy(PoolStage, WeightsExchange, DeadlineFedAvg):
             t0, before = time.time(), (dict(self.fed.traffic.down), dict(self.fed.traffic.up))
             self.fed.progress.round(rnd, num_rounds)
             sel = self._stage_select(rs, sel_cfg)  # a. score every pool sample, select S_r
-            ex = self.fed.send(self._stage_train_messages(rs, sel, rnd), timeout)  # b. sites train
+            ex = self.fed.send(
+                self._stage_train_messages(rs, sel, rnd, num_rounds), timeout
+            )  # b. sites train
             replies = self._stage_accept(rs, ex, rnd)  # b. validated replies only
             self._stage_aggregate(rs, replies, sel, rnd, result)  # c. ensemble (or FedAvg)
             fm_loss = self._stage_teacher(rs, sel, rnd)  # c. sites -> FM
             ev = self._evaluate_round(rs.arrays, rnd, num_rounds)  # d. validation
-            scores = self._scores(ev)
+            scores = self._round_scores(ev, ex, rnd, num_rounds)
             self._record_validation(result, rnd, scores)
             extra = {
                 "selection": sel.stats,
@@ -231,7 +233,7 @@ class DSFedMedStrategy(PoolStage, WeightsExchange, DeadlineFedAvg):
         self.rundir.save_checkpoint(
             "fm_decoder_adapted.pt", rs.teacher.decoder_state(), {"round": 0, "fm": cfg.fm}
         )
-        ev = self._evaluate(rs.arrays, 0, "val", self.train_nodes)
+        ev = self._evaluate(rs.arrays, 0, "val", self.train_nodes) if cfg.evaluate_every else Exchange()
         rs.initial_test = self._scores(self._evaluate(rs.arrays, 0, "test", self.train_nodes))
         extra = {
             "pool_id": rs.pool.pool_id,
@@ -257,7 +259,9 @@ class DSFedMedStrategy(PoolStage, WeightsExchange, DeadlineFedAvg):
         gate[torch.from_numpy(idx)] = 1.0
         return Selection(idx=idx, gate=gate, stats=stats, fm_probs=fm_probs)
 
-    def _stage_train_messages(self, rs: RoundState, sel: Selection, rnd: int) -> list:
+    def _stage_train_messages(
+        self, rs: RoundState, sel: Selection, rnd: int, num_rounds: int | None = None
+    ) -> list:
         """b. One train message per available site: the whole pool the first time (then by id),
         its own targets on S_r (FM mixed with the *other* sites' answers), and in weights/hybrid
         exchange the global site model."""
@@ -286,7 +290,7 @@ class DSFedMedStrategy(PoolStage, WeightsExchange, DeadlineFedAvg):
             )
             if n not in rs.has_pool:
                 rec[P.KEY_POOL] = to_array_record({P.ARR_IMAGES: rs.pool.images, P.ARR_MASKS: rs.pool.masks})
-            rec[P.KEY_CONFIG] = ConfigRecord(conf)
+            rec[P.KEY_CONFIG] = ConfigRecord(self._train_config(conf, rnd, num_rounds or self.cfg.num_rounds))
             if rs.weights_mode:
                 rec[P.KEY_ARRAYS] = rs.arrays
             msgs.append(fed.make(n, P.MSG_TRAIN, rec, rnd))

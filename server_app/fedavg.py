@@ -218,32 +218,70 @@ class DeadlineFedAvg(FedAvg):
         msgs = [self.fed.make(n, P.MSG_EVALUATE, record, server_round) for n in nodes if n in live]
         return self.fed.send(msgs, self.cfg.round_timeout_s)
 
+    def _validation_due(self, rnd: int, num_rounds: int) -> bool:
+        """Every ``evaluate-every`` rounds and after the last; never with ``evaluate-every`` 0."""
+        k = self.cfg.evaluate_every
+        return k > 0 and (rnd % k == 0 or rnd == num_rounds)
+
     def _evaluate_round(self, arrays: ArrayRecord | None, rnd: int, num_rounds: int) -> Exchange:
-        """Validation after round ``rnd``: every ``evaluate-every`` rounds and after the last."""
-        if rnd % self.cfg.evaluate_every and rnd != num_rounds:
+        """Validation after round ``rnd`` by evaluate messages, when due and not carried by the train
+        replies (``evaluate-in-train``)."""
+        if self.cfg.evaluate_in_train or not self._validation_due(rnd, num_rounds):
             return Exchange()
         return self._evaluate(arrays, rnd, "val", self.train_nodes)
 
+    def _train_config(self, conf: dict, rnd: int, num_rounds: int) -> dict:
+        """A train request's config, asking for the site's own validation when it is due and
+        ``evaluate-in-train`` is set."""
+        if self.cfg.evaluate_in_train and self._validation_due(rnd, num_rounds):
+            conf = {**conf, P.CFG_EVALUATE_SPLIT: "val"}
+        return conf
+
+    def _round_scores(self, ev: Exchange, train_ex: Exchange | None, rnd: int, num_rounds: int) -> dict:
+        """The round's validation scores: from the evaluate replies, or with ``evaluate-in-train``
+        from the accepted train replies' ``val-*`` metrics (a site whose policy declined sends none)."""
+        if not (
+            self.cfg.evaluate_in_train and train_ex is not None and self._validation_due(rnd, num_rounds)
+        ):
+            return self._scores(ev)
+        out = {}
+        for site, rep in train_ex.replies.items():
+            if site in train_ex.errors:
+                continue
+            m = rep.content.metric_records.get(P.KEY_METRICS) or {}
+            own = {k[len(P.MET_VAL_PREFIX) :]: v for k, v in m.items() if k.startswith(P.MET_VAL_PREFIX)}
+            if own:
+                out.update(self._score(site, own, train_ex))
+        return out
+
     @staticmethod
-    def _scores(ex: Exchange) -> dict[str, dict]:
+    def _scores(ex: Exchange, what: str = "evaluate reply") -> dict[str, dict]:
         """Per-site Dice/IoU of the evaluate replies that pass
         :func:`common.validation.check_eval_metrics`; the others are booked as errors."""
         out = {}
         for site, rep in ex.replies.items():
-            try:
-                m = check_eval_metrics(rep.content.metric_records.get(P.KEY_METRICS))
-            except PayloadInvalid as exc:
-                ex.errors[site] = f"rejected evaluate reply: {exc}"
-                log.warning("site %s: %s", site, ex.errors[site])
-                continue
-            out[site] = {
+            out.update(DeadlineFedAvg._score(site, rep.content.metric_records.get(P.KEY_METRICS), ex, what))
+        return out
+
+    @staticmethod
+    def _score(site: str, metrics, ex: Exchange, what: str = "train reply's validation") -> dict[str, dict]:
+        """``{site: scores}`` when ``metrics`` pass :func:`common.validation.check_eval_metrics`;
+        otherwise empty, and the reason booked in ``ex.errors``."""
+        try:
+            m = check_eval_metrics(metrics)
+        except PayloadInvalid as exc:
+            ex.errors[site] = f"rejected {what}: {exc}"
+            log.warning("site %s: %s", site, ex.errors[site])
+            return {}
+        return {
+            site: {
                 "dice": m.get(P.MET_DICE, float("nan")),
                 "iou": m.get(P.MET_IOU, float("nan")),
                 "dice05": m.get(P.MET_DICE05, float("nan")),
                 "iou05": m.get(P.MET_IOU05, float("nan")),
                 "n": int(m[P.MET_NUM_EXAMPLES]),
             }
-        return out
+        }
 
     @staticmethod
     def _mean(scores: dict[str, dict], key: str) -> float | None:
@@ -265,7 +303,7 @@ class DeadlineFedAvg(FedAvg):
         else:
             # round 0: the untrained model, on validation (curve) and test (baseline for the summary)
             first, t0, before = 1, self.t_run, ({}, {})  # round 0 also books the profile exchange
-            ev = self._evaluate(arrays, 0, "val", self.train_nodes)
+            ev = self._evaluate(arrays, 0, "val", self.train_nodes) if cfg.evaluate_every else Exchange()
             initial_test = self._scores(self._evaluate(arrays, 0, "test", self.train_nodes))
             row = self._metrics_row(0, self._scores(ev), {}, ev, None, before, t0)
             self._write_row(row, state=self._state(arrays, initial_test))
@@ -275,7 +313,7 @@ class DeadlineFedAvg(FedAvg):
         for rnd in range(first, num_rounds + 1):
             t0, before = time.time(), (dict(fed.traffic.down), dict(fed.traffic.up))
             self.fed.progress.round(rnd, num_rounds)
-            train_cfg = ConfigRecord({P.CFG_MODEL: cfg.model})
+            train_cfg = ConfigRecord(self._train_config({P.CFG_MODEL: cfg.model}, rnd, num_rounds))
             ex = fed.send(self.configure_train(rnd, arrays, train_cfg, grid), timeout)
             valid, losses = [], {}
             for site, rep in ex.replies.items():
@@ -298,7 +336,7 @@ class DeadlineFedAvg(FedAvg):
             if agg is not None:
                 result.train_metrics_clientapp[rnd] = agg
             ev = self._evaluate_round(arrays, rnd, num_rounds)
-            scores = self._scores(ev)
+            scores = self._round_scores(ev, ex, rnd, num_rounds)
             self._record_validation(result, rnd, scores)
             row = self._metrics_row(rnd, scores, losses, ev, ex, before, t0)
             self._write_row(row, state=self._state(arrays, initial_test))
@@ -454,6 +492,8 @@ class DeadlineFedAvg(FedAvg):
             # sites of the roster that took no part: no answer in time, or gone before they were asked
             "dropped": sorted(set(timeouts) | set(absent)),
             "absent": absent,
+            # evaluate-in-train: the sites' own models after training, before any aggregation
+            **({"validation_from": "train-replies"} if self.cfg.evaluate_in_train and scores else {}),
             **(extra or {}),
         }
 
