@@ -21,490 +21,57 @@ Nothing here writes to the site's caches or state: data is decoded without the o
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import os
-import shutil
-import stat
 import time
-from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from common.config import ConfigError, NodeConfig, RunConfig, parse_node_config
+from ops.checks import GIB, MAX_FILE_ROWS, MIB, Check, Status, Thresholds, failed
 from ops.configs import read_node_config, read_run_config
-
-Status = Literal["ok", "warn", "fail"]
-GIB, MIB = 1 << 30, 1 << 20
-MAX_FILE_ROWS = 200  # per-file problem rows per folder; the rest are counted in one row
-
-
-@dataclass(frozen=True)
-class Check:
-    check: str
-    status: Status
-    message: str
-
-    def to_json(self) -> dict[str, str]:
-        return asdict(self)
-
-
-def failed(checks: list[Check]) -> bool:
-    return any(c.status == "fail" for c in checks)
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    disk_warn_bytes: int = 2 * GIB
-    disk_fail_bytes: int = 200 * MIB
-    expiry_warn_days: int = 30
-
-
-# --- site data -------------------------------------------------------------------------------
-
-
-def _problem_rows(report: Any, status: Status, check: str) -> list[Check]:
-    rows = [Check(check, status, f"{p.path}: {p.reason}") for p in report.problems[:MAX_FILE_ROWS]]
-    more = len(report.problems) - MAX_FILE_ROWS
-    if more > 0:
-        rows.append(Check(check, status, f"{report.folder}: {more} more file(s) with problems not listed"))
-    return rows
-
-
-def _mask_value_sets(folder: Path, stems: list[str], label: str) -> Check:
-    """How many masks hold exactly {0, 255}, {0, 1}, one value only, or something else (soft edges
-    from resizing or JPEG, several labels): the loader takes any label > 0 as foreground, so other
-    sets are allowed but worth a look."""
-    import numpy as np
-    from PIL import Image
-
-    from common.data import IMAGE_EXTS
-
-    masks = {
-        p.stem: p
-        for p in (folder / "masks").iterdir()
-        if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
-    }
-    kinds: Counter[str] = Counter()
-    for stem in stems:
-        try:
-            with Image.open(masks[stem]) as im:
-                values = set(np.unique(np.asarray(im.convert("L"))).tolist())
-        except (KeyError, OSError):
-            continue
-        if values <= {0, 255} and len(values) == 2:
-            kinds["{0,255}"] += 1
-        elif values <= {0, 1} and len(values) == 2:
-            kinds["{0,1}"] += 1
-        elif len(values) == 1:
-            kinds["one value"] += 1
-        else:
-            kinds["other value sets"] += 1
-    counts = ", ".join(f"{k}: {v}" for k, v in sorted(kinds.items()))
-    notes = []
-    if kinds["other value sets"]:
-        notes.append(
-            f"{kinds['other value sets']} mask(s) hold values other than {{0,255}} or {{0,1}} (soft edges "
-            "or several labels; any value > 0 counts as foreground)"
-        )
-    if kinds["{0,255}"] and kinds["{0,1}"]:
-        notes.append("mixed encodings {0,255} and {0,1}")
-    if notes:
-        return Check(f"{label} mask values", "warn", f"{folder}/masks: {'; '.join(notes)} ({counts})")
-    return Check(f"{label} mask values", "ok", f"{folder}/masks: {counts or 'none read'}")
-
-
-def check_data_folder(folder: str | Path, image_size: int, label: str = "data") -> list[Check]:
-    """Load ``folder`` (``images/`` + ``masks/``) exactly as the site will, and report pairs,
-    skipped files (one row each), class balance and the source image sizes."""
-    import numpy as np
-    from PIL import Image
-
-    from common.data import IMAGE_EXTS, SiteDataError, load_site_folder
-
-    folder = Path(folder).expanduser()
-    try:
-        site = load_site_folder(folder, image_size, strict=False, cache_dir=None)
-    except SiteDataError as exc:
-        rows = [Check(label, "fail", str(exc))]
-        report = getattr(exc, "report", None)
-        if report is not None:
-            rows += _problem_rows(report, "fail", f"{label} file")
-        return rows
-    rep, n = site.report, len(site)
-    grey = ", grayscale sources" if site.source_channels == 1 else ""
-    if rep.problems:
-        rows = [
-            Check(
-                label,
-                "warn",
-                f"{folder}: {n} pair(s) loaded, {len(rep.problems)} file(s) skipped "
-                f"({rep.n_images} image(s), {rep.n_masks} mask(s)){grey}",
-            )
-        ]
-        rows += _problem_rows(rep, "warn", f"{label} file")
-    else:
-        rows = [Check(label, "ok", f"{folder}: {n} pair(s) loaded, no problems{grey}")]
-
-    fg = site.masks.reshape(n, -1).mean(axis=1, dtype=np.float64)
-    empty = int((fg == 0).sum())
-    msg = (
-        f"{folder}: mean foreground fraction {fg.mean():.3f} at {image_size}x{image_size}, "
-        f"{empty} of {n} mask(s) empty ({empty / n:.0%})"
-    )
-    median = float(np.median(fg))
-    if empty == n:
-        rows.append(Check(f"{label} balance", "warn", msg + "; every mask is empty: nothing to learn"))
-    elif median > 0.5:
-        rows.append(
-            Check(
-                f"{label} balance",
-                "warn",
-                msg + f"; median foreground fraction {median:.2f} > 0.5: the masks are likely inverted "
-                "(foreground must be the lesion, label > 0)",
-            )
-        )
-    elif empty / n > 0.5 or fg.mean() < 0.005:
-        rows.append(Check(f"{label} balance", "warn", msg + "; very little foreground"))
-    else:
-        rows.append(Check(f"{label} balance", "ok", msg))
-    rows.append(_mask_value_sets(folder, site.stems, label))
-
-    files = {
-        p.stem: p
-        for p in sorted((folder / "images").iterdir())
-        if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
-    }
-    sizes: Counter[tuple[int, int]] = Counter()
-    for stem in site.stems:
-        with Image.open(files[stem]) as im:  # header only: no decode
-            sizes[im.size] += 1
-    ws, hs = [w for w, _ in sizes], [h for _, h in sizes]
-
-    def span(v: list[int]) -> str:
-        return f"{min(v)}-{max(v)}" if min(v) != max(v) else str(v[0])
-
-    msg = (
-        f"{folder}/images: {len(sizes)} distinct size(s), width {span(ws)} x height {span(hs)} px; "
-        f"resized to {image_size}x{image_size}"
-    )
-    if min(ws + hs) < image_size:
-        msg += f" (images under {image_size} px are upsampled)"
-    rows.append(Check(f"{label} sizes", "ok", msg))
-    return rows
-
-
-def check_site_data(node: NodeConfig, image_size: int) -> list[Check]:
-    if node.data_dir:
-        return check_data_folder(node.data_dir, image_size)
-    if node.phantom_id is not None:
-        return [Check("data", "ok", f"built-in phantom site {node.phantom_id} (no data folder)")]
-    return [
-        Check(
-            "data",
-            "fail",
-            "the node config sets no data-dir: set data-dir to this site's folder with images/ and masks/",
-        )
-    ]
-
-
-# --- model, device, packages, disk ------------------------------------------------------------
-
-
-def check_model(name: str, image_size: int) -> Check:
-    import torch
-
-    from common.models import build_model, check_input_size, count_parameters
-
-    try:
-        check_input_size(name, image_size)
-        torch.manual_seed(0)
-        model = build_model(name).eval()
-        with torch.no_grad():
-            out = model(torch.zeros(1, 3, image_size, image_size))
-    except (KeyError, ValueError, RuntimeError) as exc:
-        return Check("model", "fail", f"model {name!r} at {image_size}x{image_size}: {exc}")
-    if tuple(out.shape) != (1, 1, image_size, image_size):
-        return Check("model", "fail", f"model {name!r} returns {tuple(out.shape)} for a {image_size}px image")
-    return Check(
-        "model", "ok", f"{name} builds at {image_size}x{image_size}: {count_parameters(model):,} parameters"
-    )
-
-
-def check_device(choice: str) -> Check:
-    import torch
-
-    from common.runtime import resolve_device
-
-    choice = choice or "auto"
-    gpus = (
-        [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        if torch.cuda.is_available()
-        else []
-    )
-    build = f"torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}"
-    seen = f"{len(gpus)} GPU(s): {', '.join(gpus)}" if gpus else "no CUDA device visible"
-    try:
-        dev = resolve_device(choice)
-    except RuntimeError as exc:
-        return Check("device", "fail", f"{exc} ({build}; check the driver and CUDA_VISIBLE_DEVICES)")
-    return Check("device", "ok", f"device={choice} runs on {dev}; {seen} ({build})")
-
-
-def pinned_requirements() -> list[Any]:
-    """The ``dsfedmed`` distribution's own runtime requirements (extras excluded)."""
-    from importlib.metadata import PackageNotFoundError, requires
-
-    from packaging.requirements import Requirement
-
-    try:
-        lines = requires("dsfedmed") or []
-    except PackageNotFoundError:
-        return []
-    out = []
-    for line in lines:
-        req = Requirement(line)
-        if req.marker is None or req.marker.evaluate({"extra": ""}):
-            out.append(req)
-    return out
-
-
-def check_packages() -> list[Check]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    reqs = pinned_requirements()
-    if not reqs:
-        return [Check("packages", "warn", "the dsfedmed distribution is not installed: pins not checked")]
-    rows, fine = [], []
-    for req in reqs:
-        try:
-            have = version(req.name)
-        except PackageNotFoundError:
-            rows.append(Check("packages", "fail", f"{req.name} is not installed (dsfedmed needs {req})"))
-            continue
-        if req.specifier and not req.specifier.contains(have, prereleases=True):
-            rows.append(
-                Check("packages", "warn", f"{req.name} {have} installed, dsfedmed pins {req.specifier}")
-            )
-        else:
-            fine.append(f"{req.name} {have}")
-    if fine:
-        rows.insert(0, Check("packages", "ok", f"{len(fine)} of {len(reqs)} pinned: " + ", ".join(fine)))
-    return rows
-
-
-def _existing(path: Path) -> Path:
-    path = path.expanduser().absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def check_disk(path: str | Path, what: str, limits: Thresholds = Thresholds()) -> Check:
-    where = _existing(Path(path))
-    free = shutil.disk_usage(where).free
-    msg = f"{free / GIB:.1f} GiB free at {where} ({what} {path})"
-    if free < limits.disk_fail_bytes:
-        return Check("disk", "fail", msg + f"; at least {limits.disk_fail_bytes / MIB:.0f} MiB needed")
-    if free < limits.disk_warn_bytes:
-        return Check("disk", "warn", msg + f"; under {limits.disk_warn_bytes / GIB:.1f} GiB")
-    return Check("disk", "ok", msg)
-
-
-def check_writable(path: str | Path, what: str) -> Check:
-    p = Path(path).expanduser().absolute()
-    if p.exists() and not p.is_dir():
-        return Check(what, "fail", f"{p} exists and is not a folder")
-    where = _existing(p)
-    if not os.access(where, os.W_OK | os.X_OK):
-        return Check(what, "fail", f"{where} is not writable by this user (needed for {what} {p})")
-    return Check(what, "ok", f"{p} " + ("is writable" if p.exists() else f"will be created (in {where})"))
-
-
-def site_state_dir(node: NodeConfig) -> Path:
-    """Where the site writes (NodeConfig: state-dir, else cache-dir/state, else the default cache)."""
-    from common.data import default_cache_dir
-
-    if node.state_dir:
-        return Path(node.state_dir).expanduser()
-    return (Path(node.cache_dir).expanduser() if node.cache_dir else default_cache_dir()) / "state"
-
-
-# --- certificates, keys, SuperLink ------------------------------------------------------------
-
-
-def read_kit(folder: Path) -> dict:
-    """``kit.json`` of a site kit (``dsfedmed provision``), or {} when there is none."""
-    path = folder / "kit.json"
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def check_ca_certificate(
-    path: str | Path, limits: Thresholds = Thresholds(), now: dt.datetime | None = None
-) -> list[Check]:
-    from cryptography import x509
-
-    from deploy.certs import cert_fingerprint
-
-    path = Path(path).expanduser()
-    if not path.is_file():
-        return [Check("CA certificate", "fail", f"{path} does not exist")]
-    try:
-        certs = x509.load_pem_x509_certificates(path.read_bytes())
-    except ValueError as exc:
-        return [Check("CA certificate", "fail", f"{path} is not a PEM certificate: {exc}")]
-    now = now or dt.datetime.now(dt.UTC)
-    rows = []
-    for cert in certs:
-        who = cert.subject.rfc4514_string()
-        start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
-        left = end - now
-        if now < start:
-            rows.append(
-                Check(
-                    "CA certificate",
-                    "fail",
-                    f"{path} ({who}) is not valid before {start:%Y-%m-%d %H:%M} UTC (check this machine's clock)",
-                )
-            )
-        elif now > end:
-            rows.append(
-                Check("CA certificate", "fail", f"{path} ({who}) expired on {end:%Y-%m-%d %H:%M} UTC")
-            )
-        elif left < dt.timedelta(days=limits.expiry_warn_days):
-            rows.append(
-                Check(
-                    "CA certificate",
-                    "warn",
-                    f"{path} ({who}) expires in {left.days} day(s), on {end:%Y-%m-%d} UTC: renew the federation's certificates",
-                )
-            )
-        else:
-            rows.append(
-                Check("CA certificate", "ok", f"{path} ({who}) valid until {end:%Y-%m-%d} ({left.days} days)")
-            )
-        try:
-            is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-        except x509.ExtensionNotFound:
-            is_ca = False
-        if not is_ca:
-            rows.append(
-                Check(
-                    "CA certificate",
-                    "warn",
-                    f"{path} ({who}) is not a CA certificate (no CA basic constraint)",
-                )
-            )
-    expected = read_kit(path.parent).get("ca", {}).get("sha256")
-    if expected and expected not in {cert_fingerprint(c) for c in certs}:
-        rows.append(
-            Check(
-                "CA certificate",
-                "fail",
-                f"{path} is not the CA this kit was made with (kit.json: {expected})",
-            )
-        )
-    return rows
-
-
-def check_site_key(path: str | Path) -> list[Check]:
-    """The site's private key as ``flower-supernode --auth-supernode-private-key`` loads it, its
-    permissions, and (when present beside it) that node.pub and kit.json belong to it."""
-    from cryptography.exceptions import UnsupportedAlgorithm
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    from deploy.certs import ssh_fingerprint
-
-    path = Path(path).expanduser()
-    if not path.is_file():
-        return [Check("site key", "fail", f"private key {path} does not exist")]
-    rows = []
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        rows.append(
-            Check(
-                "site key", "fail", f"{path} is readable by group or others (mode {mode:o}): chmod 600 {path}"
-            )
-        )
-    data = path.read_bytes()
-    try:
-        key = serialization.load_ssh_private_key(data, None)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        return rows + [Check("site key", "fail", f"{path} is not an unencrypted OpenSSH private key: {exc}")]
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        return rows + [
-            Check(
-                "site key",
-                "fail",
-                f"{path}: Flower's node authentication needs an ECDSA key, this is {type(key).__name__}",
-            )
-        ]
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    fp = ssh_fingerprint(public)
-    rows.append(Check("site key", "ok", f"{path}: ECDSA {key.curve.name} key loads ({fp})"))
-    pub = path.with_suffix(".pub")
-    if pub.is_file() and pub != path:
-        theirs = pub.read_bytes().split()[:2]
-        if theirs != public.split()[:2]:
-            rows.append(
-                Check(
-                    "site key",
-                    "fail",
-                    f"{pub} is not the public key of {path}: the SuperLink knows another key",
-                )
-            )
-        else:
-            rows.append(Check("site key", "ok", f"{pub} matches {path}"))
-    recorded = read_kit(path.parent).get("site_key", {}).get("ssh_fingerprint")
-    if recorded and recorded != fp:
-        rows.append(
-            Check(
-                "site key",
-                "fail",
-                f"{path} is not the key kit.json records ({recorded}); registered keys will not match",
-            )
-        )
-    return rows
-
-
-def check_superlink(address: str, root_certificates: str | Path | None, timeout: float = 5.0) -> Check:
-    from deploy.probe import probe_superlink
-
-    try:
-        res = probe_superlink(address, root_certificates, timeout=timeout)
-    except ValueError as exc:
-        return Check("SuperLink", "fail", str(exc))
-    if res.ok and root_certificates is None:
-        return Check("SuperLink", "warn", res.message)
-    return Check("SuperLink", "ok" if res.ok else "fail", res.message)
-
-
-def check_policy(path: str | Path) -> Check:
-    """The site's policy file, read by the same parser the ClientApp uses (client_app/policy.py)."""
-    from client_app.policy import ALL_MESSAGE_TYPES, load_policy
-
-    try:
-        policy = load_policy(str(path))
-    except ConfigError as exc:
-        return Check("policy", "fail", str(exc))
-    refused = sorted(set(ALL_MESSAGE_TYPES) - set(policy.allowed_message_types))
-    limits = [
-        f"refuses {', '.join(refused)}" if refused else "answers every message type",
-        f"replies up to {policy.max_reply_bytes:,} bytes"
-        if policy.max_reply_bytes
-        else "no reply size limit",
-        "sends generator weights" if policy.allow_generator_upload else "no generator upload",
-        "sends model weights" if policy.allow_weights_upload else "no weights upload",
-        f"DP on probabilities (max epsilon {policy.dp.max_epsilon or 'unbounded'})"
-        if policy.dp.enabled
-        else "no DP",
-    ]
-    return Check("policy", "ok", f"policy-file {path}: " + "; ".join(limits))
+from ops.data_checks import check_data_folder, check_site_data
+from ops.machine_checks import (
+    check_device,
+    check_disk,
+    check_model,
+    check_packages,
+    check_writable,
+    pinned_requirements,
+    site_state_dir,
+)
+from ops.trust_checks import check_ca_certificate, check_policy, check_site_key, check_superlink, read_kit
+
+__all__ = [
+    "GIB",
+    "MIB",
+    "MAX_FILE_ROWS",
+    "Check",
+    "Status",
+    "Thresholds",
+    "failed",
+    "check_data_folder",
+    "check_site_data",
+    "check_device",
+    "check_disk",
+    "check_model",
+    "check_packages",
+    "check_writable",
+    "pinned_requirements",
+    "site_state_dir",
+    "check_ca_certificate",
+    "check_policy",
+    "check_site_key",
+    "check_superlink",
+    "read_kit",
+    "SiteInputs",
+    "ServerInputs",
+    "site_preflight",
+    "server_preflight",
+    "check_fm_checkpoint",
+    "check_fm_build",
+    "check_pool",
+]
 
 
 # --- site and server -------------------------------------------------------------------------
