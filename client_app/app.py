@@ -9,7 +9,6 @@ handler (the site's policy, size bounds, error replies, the reply checks and the
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,11 +29,12 @@ from client_app.errors import (  # noqa: F401 - the codes are re-exported: part 
 )
 from client_app.guard import ledger_path, request_bounds, site_guard
 from client_app.policy import load_policy
-from client_app.privacy import PrivacyLedger, privatize_probs
+from client_app.privacy import PrivacyLedger
+from client_app.release import release_probs
 from client_app.state import SiteStore
 from client_app.trainer import SiteTrainer, TrainSettings
 from common import protocol as P
-from common.codec import check_pool_record, check_probs_record, decode_record, encode_probs, to_array_record
+from common.codec import check_pool_record, check_probs_record, decode_record, to_array_record
 from common.config import NodeConfig, RunConfig, parse_node_config, parse_run_config
 from common.data import default_cache_dir
 from common.fm_cache import CachedPromptFreeSegmenter, EmbeddingCache
@@ -394,31 +394,10 @@ def _train_dsfedmed(msg: Message, context: Context, run: RunConfig, node: NodeCo
     if bootstrap:
         return Message(content, reply_to=msg)
     if run.exchange in ("logits", "hybrid"):
-        probs, eps = _site_probs(tr.predict_probs(syn_images), run, node, server_round, int(context.run_id))
+        probs, eps = release_probs(tr.predict_probs(syn_images), run, node, server_round, int(context.run_id))
         content[P.KEY_SITE_PROBS] = to_array_record({P.ARR_PROBS: probs})
         if eps is not None:  # the server records which answers were noised, and the site's total ε
             content[P.KEY_METRICS][P.MET_DP_EPSILON] = float(eps)
     if run.exchange in ("weights", "hybrid"):
         content[P.KEY_ARRAYS] = to_array_record(weights)
     return Message(content, reply_to=msg)
-
-
-def _site_probs(probs: torch.Tensor, run: RunConfig, node: NodeConfig, rnd: int, run_id: int):
-    """The probabilities that leave the site, encoded, and the site's total ε (None without DP):
-    with the policy's ``[dp]`` clipped and noised at ``logit-size`` first, the release charged to
-    the site's own privacy ledger (across every run)."""
-    dp = load_policy(node.policy_file).dp
-    eps = None
-    if dp.enabled:
-        probs = torch.nn.functional.interpolate(probs.float(), size=(run.logit_size,) * 2, mode="area")
-        eps = PrivacyLedger(ledger_path(node)).charge(dp, rnd, len(probs), run_id)
-        gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
-        probs = privatize_probs(probs, dp, gen)
-        log.info(
-            "round %d: DP on %d uploaded probability maps, the site's total ε=%.3g (δ=%g)",
-            rnd,
-            len(probs),
-            eps,
-            dp.delta,
-        )
-    return encode_probs(probs, run.logit_size, run.logit_dtype), eps
