@@ -313,6 +313,20 @@ def judge(methods: dict, best_floor: dict | None = None) -> list[dict]:
                     d["bytes_total_excluding_generators"] / o["bytes_total"], 5
                 )
             out.append(claim)
+    if d.get("fm_dice05_test_adapted") is not None and d.get("fm_dice05_test_zero_shot") is not None:
+        v, ref = d["fm_dice05_test_adapted"], d["fm_dice05_test_zero_shot"]
+        out.append(
+            {"claim": "the adapted FM (teacher after pool adaptation) beats the zero-shot FM (test)",
+             "value": round(v, 3), "target": round(ref, 3), "unit": "Dice@0.5", "met": v > ref,
+             "by": round(v - ref, 3), "at_end": d.get("fm_dice05_test_end")}
+        )  # fmt: skip
+    f = methods.get("fedfm-decoder", {})
+    if d.get("dice05_test_mean") is not None and f.get("dice05_test_mean") is not None:
+        gap = d["dice05_test_mean"] - f["dice05_test_mean"]
+        out.append(
+            {"claim": "dsfedmed-logits within 5 points of fedfm-decoder (test)", "value": round(gap, 3),
+             "target": -0.05, "unit": "Dice@0.5 difference", "met": gap >= -0.05, "by": round(gap + 0.05, 3)}
+        )  # fmt: skip
     if d.get("site_infer_ms") and d.get("fm_infer_ms"):
         speed = d["fm_infer_ms"] / d["site_infer_ms"]
         out.append(

@@ -139,6 +139,27 @@ def test_bar_counts_a_gap_only_beyond_the_seed_spread():
     ]["met"]
 
 
+def test_bar_judges_the_teacher_and_the_distance_to_fedfm_decoder():
+    methods = {
+        "dsfedmed-logits": {
+            "dice05_test_mean": 0.46,
+            "fm_dice05_test_zero_shot": 0.18,
+            "fm_dice05_test_adapted": 0.17,
+            "fm_dice05_test_end": 0.25,
+        },
+        "fedfm-decoder": {"dice05_test_mean": 0.50},
+    }
+    bar = {b["claim"]: b for b in judge(methods)}
+    teacher = bar["the adapted FM (teacher after pool adaptation) beats the zero-shot FM (test)"]
+    assert not teacher["met"] and teacher["by"] == pytest.approx(-0.01) and teacher["at_end"] == 0.25
+    near = bar["dsfedmed-logits within 5 points of fedfm-decoder (test)"]
+    assert near["met"] and near["value"] == pytest.approx(-0.04)
+    methods["fedfm-decoder"]["dice05_test_mean"] = 0.52
+    assert not {b["claim"]: b for b in judge(methods)}[
+        "dsfedmed-logits within 5 points of fedfm-decoder (test)"
+    ]["met"]
+
+
 def test_generator_uploads_count_in_every_dsfedmed_run():
     """DSFedMed runs reuse the pool stage's pool; its generator uploads, measured by message kind,
     are every run's cost too."""
