@@ -9,6 +9,7 @@ out-of-range values raise :class:`ConfigError`, whose message names the key and 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -223,7 +224,9 @@ class RunConfig(_Strict):
         description="logits exchange: epochs the held-out site distils from the final FM on the pool",
     )
     evaluate_every: int = Field(
-        1, ge=0, description="validation every k rounds (the last round always); 0 = none until the final test"
+        1,
+        ge=0,
+        description="validation every k rounds (the last round always); 0 = none until the final test",
     )
     evaluate_in_train: bool = Field(
         False,
@@ -345,9 +348,34 @@ class NodeConfig(_Strict):
         return v
 
 
+def _frozen(raw: Mapping[str, Any]) -> tuple | None:
+    """A hashable key of a flat config (None when a value is not hashable)."""
+    try:
+        key = tuple(sorted((k, type(v).__name__, v) for k, v in raw.items()))  # 1 and True differ
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_frozen(kind: str, key: tuple) -> _Strict:
+    cls = RunConfig if kind == "run" else NodeConfig
+    return cls.parse({k: v for k, _, v in key}, source=f"{kind} config")
+
+
 def parse_run_config(raw: Mapping[str, Any]) -> RunConfig:
-    return RunConfig.parse(raw, source="run config")  # type: ignore[return-value]
+    """The run config, validated. Parsed once per distinct config: a message's guard, size gate and
+    handler all ask, and the models are frozen, so they share one object."""
+    key = _frozen(raw)
+    if key is None:
+        return RunConfig.parse(raw, source="run config")  # type: ignore[return-value]
+    return _parse_frozen("run", key)  # type: ignore[return-value]
 
 
 def parse_node_config(raw: Mapping[str, Any]) -> NodeConfig:
-    return NodeConfig.parse(raw, source="node config")  # type: ignore[return-value]
+    """The node config, validated; parsed once per distinct config (as :func:`parse_run_config`)."""
+    key = _frozen(raw)
+    if key is None:
+        return NodeConfig.parse(raw, source="node config")  # type: ignore[return-value]
+    return _parse_frozen("node", key)  # type: ignore[return-value]

@@ -71,7 +71,9 @@ CFG_POOL_INCLUDED = "pool-included"  # "all" (whole pool in this message), "sele
 CFG_SELECTED = "selected"  # pool indices of this round's selected samples
 CFG_EXCHANGE = "exchange"
 CFG_EVALUATE_SPLIT = "evaluate-split"  # train: also score the trained model on this split (only "val")
-MET_VAL_PREFIX = "val-"  # a train reply's own validation: val-dice, val-iou, val-dice05, val-iou05, val-num-examples
+MET_VAL_PREFIX = (
+    "val-"  # a train reply's own validation: val-dice, val-iou, val-dice05, val-iou05, val-num-examples
+)
 CFG_STAGE = "stage"  # "bootstrap": a held-out site learns from the pool and the FM only (logits)
 STAGE_BOOTSTRAP = "bootstrap"
 CFG_STATE_KEY = "state-key"  # every message: the name a site keeps this run's state under (a resumed

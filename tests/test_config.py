@@ -75,3 +75,19 @@ def test_the_teacher_is_prompt_free_by_default_and_the_oracle_is_named_so():
     assert parse_run_config({"fm-prompt": "mask-box"}).fm_prompt == "oracle-mask-box"  # older run dirs
     with open(REPO / "pyproject.toml", "rb") as fh:
         assert tomllib.load(fh)["tool"]["flwr"]["app"]["config"]["fm-prompt"] == "whole-box"
+
+
+def test_a_config_is_parsed_once_and_errors_every_time():
+    """The guard, the size gate and the handler of one message all parse the run config: the frozen
+    result is shared, while a bad config fails on every call (errors are never cached)."""
+    from common.config import ConfigError, parse_node_config, parse_run_config
+
+    raw = {"num-rounds": 3, "image-size": 32}
+    assert parse_run_config(raw) is parse_run_config(dict(raw))
+    assert parse_run_config({"num-rounds": 3, "image-size": 64}).image_size == 64
+    assert parse_node_config({"partition-id": 1}) is parse_node_config({"partition-id": 1})
+    for _ in range(2):
+        with pytest.raises(ConfigError, match="num-rounds"):
+            parse_run_config({"num-rounds": 0})
+    assert parse_run_config({"tensorboard": True}).tensorboard is True
+    assert parse_run_config({"tensorboard": 1}) is not parse_run_config({"tensorboard": True})
