@@ -43,6 +43,7 @@ from server_app.federation import Exchange, FederationStopped
 from server_app.pool_stage import PoolStage
 from server_app.round_state import Replies, RoundState, Selection
 from server_app.selection import SelectionConfig, select
+from server_app.stage_clock import StageClock
 from server_app.synthesis import Pool
 from server_app.targets import ensemble as ensemble_of
 from server_app.targets import site_targets
@@ -141,31 +142,36 @@ class DSFedMedStrategy(PoolStage, WeightsExchange, DeadlineFedAvg):
             quantile=cfg.selection_quantile,
             pos_weight=cfg.pos_weight,
         )
-        completed = first - 1
+        completed, clock = first - 1, StageClock()
         for rnd in range(first, num_rounds + 1):
             t0, before = time.time(), (dict(self.fed.traffic.down), dict(self.fed.traffic.up))
             self.fed.progress.round(rnd, num_rounds)
-            sel = self._stage_select(rs, sel_cfg)  # a. score every pool sample, select S_r
-            ex = self.fed.send(
-                self._stage_train_messages(rs, sel, rnd, num_rounds), timeout
-            )  # b. sites train
-            replies = self._stage_accept(rs, ex, rnd)  # b. validated replies only
-            self._stage_aggregate(rs, replies, sel, rnd, result)  # c. ensemble (or FedAvg)
-            fm_loss = self._stage_teacher(rs, sel, rnd)  # c. sites -> FM
-            ev = self._evaluate_round(rs.arrays, rnd, num_rounds)  # d. validation
-            scores = self._round_scores(ev, ex, rnd, num_rounds)
+            with clock.stage("select"):  # a. score every pool sample, select S_r
+                sel = self._stage_select(rs, sel_cfg)
+            with clock.stage("send"):  # b. sites train (message building, waiting, replies)
+                ex = self.fed.send(self._stage_train_messages(rs, sel, rnd, num_rounds), timeout)
+            with clock.stage("aggregate"):  # b./c. validated replies, ensemble (or FedAvg)
+                replies = self._stage_accept(rs, ex, rnd)
+                self._stage_aggregate(rs, replies, sel, rnd, result)
+            with clock.stage("teacher"):  # c. sites -> FM
+                fm_loss = self._stage_teacher(rs, sel, rnd)
+            with clock.stage("evaluate"):  # d. validation
+                ev = self._evaluate_round(rs.arrays, rnd, num_rounds)
+                scores = self._round_scores(ev, ex, rnd, num_rounds)
             self._record_validation(result, rnd, scores)
             extra = {
                 "selection": sel.stats,
                 "selected": [int(i) for i in sel.idx],
                 "fm_distill_loss": fm_loss,
                 "pool_sent_whole": True,
+                **clock.take(),
             }
-            self._write_row(
-                self._metrics_row(rnd, scores, replies.losses, ev, ex, before, t0, extra),
-                state=rs.checkpoint(self.fed),
-            )
-            self._stage_round_files(rs, rnd)
+            with clock.stage("record_prev"):
+                self._write_row(
+                    self._metrics_row(rnd, scores, replies.losses, ev, ex, before, t0, extra),
+                    state=rs.checkpoint(self.fed),
+                )
+                self._stage_round_files(rs, rnd)
             completed = rnd
             self._pause_if_due(rnd)
         self._finish(rs, completed, num_rounds)

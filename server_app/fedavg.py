@@ -26,6 +26,7 @@ from server_app.checkpoint import RunPaused, ServerState, restore_rng, save_stat
 from server_app.federation import Exchange, Federation, FederationStopped
 from server_app.round_record import RoundRecord
 from server_app.rundir import RunDirectory
+from server_app.stage_clock import StageClock
 
 log = logging.getLogger("dsfedmed.server")
 
@@ -303,43 +304,28 @@ class DeadlineFedAvg(RoundRecord, FedAvg):
             self._write_row(row, state=self._state(arrays, initial_test))
             self._plot()
 
-        completed = first - 1
+        completed, clock = first - 1, StageClock()
         for rnd in range(first, num_rounds + 1):
             t0, before = time.time(), (dict(fed.traffic.down), dict(fed.traffic.up))
             self.fed.progress.round(rnd, num_rounds)
             train_cfg = ConfigRecord(self._train_config({P.CFG_MODEL: cfg.model}, rnd, num_rounds))
-            ex = fed.send(self.configure_train(rnd, arrays, train_cfg, grid), timeout)
-            valid, losses = [], {}
-            for site, rep in ex.replies.items():
-                why = self.validate_train_reply(site, rep, arrays)
-                if why:
-                    ex.errors[site] = f"rejected train reply: {why}"
-                    log.warning("site %s: %s", site, ex.errors[site])
-                    continue
-                valid.append(rep)
-                losses[site] = float(rep.content.metric_records[P.KEY_METRICS].get(P.MET_LOSS, np.nan))
-            if len(valid) < cfg.min_sites:
-                raise FederationStopped(
-                    f"round {rnd}: {len(valid)} usable train repl(ies), min-sites is {cfg.min_sites}; "
-                    f"errors: {ex.errors or 'none'}; no answer: {ex.timeouts or 'none'}"
-                )
-            new_arrays, agg = self.aggregate_train(rnd, valid)
-            if new_arrays is not None:
-                arrays = new_arrays
-                result.arrays = arrays
-            if agg is not None:
-                result.train_metrics_clientapp[rnd] = agg
-            ev = self._evaluate_round(arrays, rnd, num_rounds)
-            scores = self._round_scores(ev, ex, rnd, num_rounds)
+            with clock.stage("send"):  # message building, waiting for the sites, their replies
+                ex = fed.send(self.configure_train(rnd, arrays, train_cfg, grid), timeout)
+            with clock.stage("aggregate"):
+                arrays, losses = self._accept_and_aggregate(rnd, ex, arrays, result)
+            with clock.stage("evaluate"):
+                ev = self._evaluate_round(arrays, rnd, num_rounds)
+                scores = self._round_scores(ev, ex, rnd, num_rounds)
             self._record_validation(result, rnd, scores)
-            row = self._metrics_row(rnd, scores, losses, ev, ex, before, t0)
-            self._write_row(row, state=self._state(arrays, initial_test))
-            self.rundir.save_checkpoint(
-                f"global_round_{rnd:03d}.pt",
-                from_array_record(arrays),
-                {"round": rnd, "model": cfg.model, "method": cfg.method},
-            )
-            self._plot()
+            with clock.stage("record_prev"):
+                row = self._metrics_row(rnd, scores, losses, ev, ex, before, t0, clock.take())
+                self._write_row(row, state=self._state(arrays, initial_test))
+                self.rundir.save_checkpoint(
+                    f"global_round_{rnd:03d}.pt",
+                    from_array_record(arrays),
+                    {"round": rnd, "model": cfg.model, "method": cfg.method},
+                )
+                self._plot()
             completed = rnd
             self._pause_if_due(rnd)
 
@@ -351,6 +337,33 @@ class DeadlineFedAvg(RoundRecord, FedAvg):
         )
         self.summary_data = self._summary(completed, final, initial_test, holdout, self.t_run)
         return result
+
+    def _accept_and_aggregate(
+        self, rnd: int, ex: Exchange, arrays: ArrayRecord, result: Result
+    ) -> tuple[ArrayRecord, dict[str, float]]:
+        """The train replies that pass validation, averaged (Flower's FedAvg); the others are booked
+        as errors. Too few usable replies stop the run. Returns the new global model and the losses."""
+        valid, losses = [], {}
+        for site, rep in ex.replies.items():
+            why = self.validate_train_reply(site, rep, arrays)
+            if why:
+                ex.errors[site] = f"rejected train reply: {why}"
+                log.warning("site %s: %s", site, ex.errors[site])
+                continue
+            valid.append(rep)
+            losses[site] = float(rep.content.metric_records[P.KEY_METRICS].get(P.MET_LOSS, np.nan))
+        if len(valid) < self.cfg.min_sites:
+            raise FederationStopped(
+                f"round {rnd}: {len(valid)} usable train repl(ies), min-sites is {self.cfg.min_sites}; "
+                f"errors: {ex.errors or 'none'}; no answer: {ex.timeouts or 'none'}"
+            )
+        new_arrays, agg = self.aggregate_train(rnd, valid)
+        if new_arrays is not None:
+            arrays = new_arrays
+            result.arrays = arrays
+        if agg is not None:
+            result.train_metrics_clientapp[rnd] = agg
+        return arrays, losses
 
     @staticmethod
     def _state(arrays: ArrayRecord, initial_test: dict) -> dict:

@@ -57,6 +57,14 @@ def test_weight_exchanging_modes(task_identity, tmp_path, monkeypatch, exchange,
     # the FM learned from an ensemble every round: the site probabilities (hybrid) or the averaged
     # model's own probabilities on the selected samples (weights)
     assert len(StubTeacher.seen) == 2
+    assert set(rows[2]["server_cpu_s"]) == {
+        "select",
+        "send",
+        "aggregate",
+        "teacher",
+        "evaluate",
+        "record_prev",
+    }
 
 
 def test_a_pause_keeps_the_rounds_files(task_identity, tmp_path, monkeypatch, one_torch_thread):

@@ -6,6 +6,7 @@ records every request it carries."""
 
 from __future__ import annotations
 
+import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from client_app.app import ERR_PAYLOAD, app
@@ -60,6 +61,11 @@ def test_validation_travels_in_the_train_reply(task_identity, tmp_path, one_torc
         assert set(r["sites"]) == {"phantom-0", "phantom-1"} and r["validation_from"] == "train-replies"
         assert all(0 <= s["dice05"] <= 1 and s["n"] > 0 for s in r["sites"].values())
     assert summary["status"] == "completed" and summary["dice_test_mean"] is not None  # final test as before
+    # the server's own CPU per stage (its thread only); a round's record is booked in the next row
+    assert set(rows[1]["server_cpu_s"]) == {"send", "aggregate", "evaluate"}
+    assert set(rows[2]["server_cpu_s"]) == {"send", "aggregate", "evaluate", "record_prev"}
+    assert rows[2]["server_cpu_s_total"] == pytest.approx(sum(rows[2]["server_cpu_s"].values()), abs=1e-3)
+    assert all(v >= 0 for v in rows[2]["server_cpu_s"].values())
 
 
 def test_no_per_round_validation(task_identity, tmp_path, one_torch_thread):
