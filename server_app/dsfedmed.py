@@ -45,8 +45,8 @@ from server_app.round_state import Replies, RoundState, Selection
 from server_app.selection import SelectionConfig, select
 from server_app.stage_clock import StageClock
 from server_app.synthesis import Pool
+from server_app.targets import Targets, site_targets
 from server_app.targets import ensemble as ensemble_of
-from server_app.targets import site_targets
 from server_app.teacher import FoundationTeacher
 from server_app.weights_exchange import WeightsExchange
 
@@ -274,11 +274,9 @@ class DSFedMedStrategy(PoolStage, WeightsExchange, DeadlineFedAvg):
         cfg, fed = self.cfg, self.fed
         nodes = fed.wait_for_nodes(cfg.min_sites, cfg.sampling_deadline_s, among=self.train_nodes)
         nodes = fed.sample(nodes, cfg.sites_per_round, rnd, cfg.seed)  # partial participation
-        msgs = []
+        msgs, targets = [], Targets(sel.fm_probs, rs.site_probs, rs.site_counts)  # one pass per round
         for n in nodes:
-            tgt = site_targets(
-                sel.fm_probs, rs.site_probs, rs.site_counts, fed.site_of(n), cfg.target_fm_weight
-            )
+            tgt = targets.of(fed.site_of(n), cfg.target_fm_weight)
             conf = {
                 P.CFG_ROUND: rnd,
                 P.CFG_POOL_ID: rs.pool.pool_id,

@@ -15,6 +15,29 @@ from __future__ import annotations
 import torch
 
 
+class Targets:
+    """Every site's targets of one round from one pass over the answers: the weighted sum of all
+    sites' probabilities is made once, and site k's "others" ensemble is that sum less its own
+    share, so a round costs O(sites x pool), not O(sites^2 x pool) (issue: many sites)."""
+
+    def __init__(
+        self, fm_probs: torch.Tensor, site_probs: dict[str, torch.Tensor], site_weights: dict[str, float]
+    ):
+        self.fm = fm_probs
+        self.probs = {s: p for s, p in site_probs.items() if site_weights.get(s, 0.0) > 0}
+        self.weights = {s: float(site_weights[s]) for s in self.probs}
+        self.total_w = sum(self.weights.values())
+        self.total = sum(w * self.probs[s] for s, w in sorted(self.weights.items())) if self.probs else None
+
+    def of(self, site: str, fm_weight: float) -> torch.Tensor:
+        own_w = self.weights.get(site, 0.0)
+        others_w = self.total_w - own_w
+        if self.total is None or fm_weight >= 1.0 or others_w <= 0 or not (set(self.probs) - {site}):
+            return self.fm
+        others = self.total - own_w * self.probs[site] if own_w else self.total
+        return fm_weight * self.fm + (1.0 - fm_weight) * (others / others_w).clamp(0.0, 1.0)
+
+
 def site_targets(
     fm_probs: torch.Tensor,
     site_probs: dict[str, torch.Tensor],
@@ -22,12 +45,8 @@ def site_targets(
     site: str,
     fm_weight: float,
 ) -> torch.Tensor:
-    others = [s for s in sorted(site_probs) if s != site and site_weights.get(s, 0.0) > 0]
-    if not others or fm_weight >= 1.0:
-        return fm_probs
-    total = sum(site_weights[s] for s in others)
-    ensemble = sum(site_weights[s] * site_probs[s] for s in others) / total
-    return fm_weight * fm_probs + (1.0 - fm_weight) * ensemble
+    """One site's targets (:class:`Targets` for a single site)."""
+    return Targets(fm_probs, site_probs, site_weights).of(site, fm_weight)
 
 
 def ensemble(site_probs: dict[str, torch.Tensor], site_weights: dict[str, float]) -> torch.Tensor:

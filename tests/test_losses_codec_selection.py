@@ -165,3 +165,21 @@ def test_site_targets_mix_the_fm_with_the_other_sites_only():
     assert torch.equal(site_targets(fm, {}, {}, "A", 0.5), fm)  # nobody answered yet: the FM alone
     assert torch.equal(site_targets(fm, sites, n, "A", 1.0), fm)
     assert torch.allclose(ensemble({"A": sites["A"], "B": sites["B"]}, n), torch.full_like(fm, 0.35))
+
+
+def test_targets_of_every_site_from_one_pass_equal_the_rule():
+    """Targets subtracts a site's own share from the all-sites sum (O(sites) per round); it gives
+    the rule's leave-one-out mixture for every site, a newcomer, and a site with weight 0."""
+    from server_app.targets import Targets
+
+    gen = torch.Generator().manual_seed(0)
+    fm = torch.rand(7, 1, 8, 8, generator=gen)
+    sites = {f"s{i}": torch.rand(7, 1, 8, 8, generator=gen) for i in range(6)}
+    n = {f"s{i}": float(i + 1) for i in range(6)}
+    n["s5"] = 0.0  # answered, but weighs nothing
+    t = Targets(fm, sites, n)
+    for site in [*sites, "newcomer"]:
+        others = [s for s in sites if s != site and n[s] > 0]
+        direct = sum(n[s] * sites[s] for s in others) / sum(n[s] for s in others)
+        assert torch.allclose(t.of(site, 0.3), 0.3 * fm + 0.7 * direct, atol=1e-6), site
+    assert torch.equal(Targets(fm, {"s0": sites["s0"]}, {"s0": 1.0}).of("s0", 0.3), fm)  # no one else
