@@ -221,3 +221,43 @@ def startup(
         f"(+{res['clientapp_cold_overhead_cpu_s']:.2f} s over the floor), warm {res['clientapp_warm_cpu_s']:.2f} s "
         f"CPU per message; load average {res['load_average_at_start'][0]:.1f} on {res['cpu_count']} CPUs -> {out}"
     )
+
+
+@bench_app.command("scale")
+def scale(
+    sites: Annotated[list[int], typer.Option("--sites", help="site counts to run (repeat)")] = [],  # noqa: B006
+    method: Annotated[
+        list[str], typer.Option("--method", help="fedavg and/or dsfedmed-logits (repeat)")
+    ] = [],  # noqa: B006
+    work_dir: Annotated[Path, typer.Option(help="run directories and the SuperLink's home")] = REPO
+    / "bench"
+    / "work"
+    / "scale",
+    results_dir: Annotated[Path, typer.Option(help="scale.json/.md/.png and units/scale/")] = REPO
+    / "bench"
+    / "results",
+    report_only: Annotated[bool, typer.Option(help="rebuild the table from the units, run nothing")] = False,
+) -> None:
+    """Server CPU, memory and bytes per round with 5, 10, 25 and 50 phantom sites (FedAvg and DSFedMed);
+    finished units are kept and skipped."""
+    from bench.scale import METHODS, SITE_COUNTS, run_scale, write_results
+
+    _flwr_env()
+    bad = [m for m in method if m not in METHODS]
+    if bad:
+        raise typer.BadParameter(
+            f"unknown method(s) {bad}; choose from {sorted(METHODS)}", param_hint="--method"
+        )
+    with stop_children_on_sigterm():
+        if report_only:
+            res = write_results(results_dir)
+        else:
+            res = run_scale(
+                work_dir,
+                results_dir,
+                tuple(sites) or SITE_COUNTS,
+                tuple(method) or tuple(METHODS),
+                console.print,
+            )
+    console.print((results_dir / "scale.md").read_text())
+    console.print(f"json: {results_dir / 'scale.json'} ({len(res['rows'])} unit(s))")

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flwr.serverapp import Grid
@@ -124,6 +125,7 @@ class DSFedMedStrategy(PoolStage, WeightsExchange, DeadlineFedAvg):
     ) -> Result:
         cfg = self.cfg
         self.t_run = time.time()
+        self.rss_baseline_mb = round(psutil.Process().memory_info().rss / 2**20, 1)  # before the run's work
         result = Result()
         t0, before = self.t_run, ({}, {})  # round 0 also books profile, generator and pool traffic
         self.profile_sites()

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterable
 
 import numpy as np
+import psutil
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -289,6 +290,7 @@ class DeadlineFedAvg(RoundRecord, FedAvg):
         cfg, fed = self.cfg, self.fed
         result = Result()
         self.t_run = time.time()
+        self.rss_baseline_mb = round(psutil.Process().memory_info().rss / 2**20, 1)  # before the run's work
         self.profile_sites()
         arrays = initial_arrays
         if self.resume is not None:

@@ -12,6 +12,7 @@ import math
 import time
 
 import numpy as np
+import psutil
 from flwr.app import MetricRecord
 from flwr.serverapp.strategy.result import Result
 
@@ -55,6 +56,7 @@ class RoundRecord:
             "bytes_by_kind": dict(sorted(fed.traffic.by_kind.items())),
             **self.step_totals(),
             "wall_seconds": time.time() - t_run,
+            "server_rss_baseline_mb": getattr(self, "rss_baseline_mb", None),
         }
 
     def step_totals(self) -> dict:
@@ -149,6 +151,9 @@ class RoundRecord:
             # sites of the roster that took no part: no answer in time, or gone before they were asked
             "dropped": sorted(set(timeouts) | set(absent)),
             "absent": absent,
+            # the server process's resident memory at the round's end (the ServerApp's own process;
+            # in simulation the sites run elsewhere)
+            "server_rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1),
             # evaluate-in-train: the sites' own models after training, before any aggregation
             **({"validation_from": "train-replies"} if self.cfg.evaluate_in_train and scores else {}),
             **(extra or {}),
