@@ -9,9 +9,11 @@ site count and method, from the run's own metrics rows (rounds 1..R):
   previous round's record), from ``server_app/stage_clock.py``;
 - ``server_seconds_per_round``: the round's wall time (sites included);
 - ``server_peak_mb``: the ServerApp process's resident memory (``flwr-simulation``: the ServerApp is a
-  thread in it, the ClientApps run in Ray workers), the largest at a round's end less its value when
-  the strategy started (the row's ``server_rss_mb`` and the summary's ``server_rss_baseline_mb``);
-  ``simulation_process_growth_mb`` is the same process sampled from outside, imports included;
+  thread in it, the ClientApps run in Ray workers): its high-water mark (the rows' ``server_maxrss_mb``)
+  less its RSS when the strategy started (the summary's ``server_rss_baseline_mb``); units measured
+  before the high-water mark was recorded used the largest round-end RSS (``server_peak_from``);
+  ``simulation_process_growth_mb`` is the same process sampled from outside every 0.5 s, less its
+  first sample (imports included);
 - ``bytes_per_round_per_site``: both directions, rounds 1..R (one-off uploads such as the pool are in
   round 0 and reported apart as ``bytes_round0_per_site``);
 - ``rounds``, ``dropped`` (replies that missed their deadline or sites absent, over the run).
@@ -133,7 +135,9 @@ def summarise(run_dir: Path, sites: int) -> dict:
         "dropped": sum(len(r.get("dropped", [])) for r in rows),
         # the ServerApp's process, measured from inside: its largest end-of-round RSS less its RSS
         # when the strategy started (imports, the FM and the pool already loaded are not counted)
-        "server_peak_mb": max(r["server_rss_mb"] for r in rows) - summary["server_rss_baseline_mb"],
+        "server_peak_mb": max(r.get("server_maxrss_mb", r["server_rss_mb"]) for r in rows)
+        - summary["server_rss_baseline_mb"],
+        "server_peak_from": "high-water mark" if "server_maxrss_mb" in rows[-1] else "round-end RSS",
         "server_rss_baseline_mb": summary["server_rss_baseline_mb"],
     }
 
@@ -206,6 +210,8 @@ def _growth(recs: list[dict]) -> dict:
             "sites": [lo, hi],
             "server_cpu_ratio": b["server_cpu_s_per_round"] / max(a["server_cpu_s_per_round"], 1e-9),
             "memory_ratio": (b["server_peak_mb"] or 0) / max(a["server_peak_mb"] or 0, 1e-9),
+            "sampled_memory_ratio": (b.get("simulation_process_growth_mb") or 0)
+            / max(a.get("simulation_process_growth_mb") or 0, 1e-9),
             "bytes_per_site_change": b["bytes_per_round_per_site"] / a["bytes_per_round_per_site"] - 1,
             "sites_ratio": hi / lo,
         }
@@ -221,17 +227,24 @@ def render(res: dict) -> str:
         "Server CPU is the ServerApp thread's own (waiting for sites excluded); memory is the ServerApp "
         "process's largest end-of-round RSS less its RSS when the strategy started.",
         "",
-        "| method | sites | server CPU s / round | wall s / round | peak MB | bytes / round / site | dropped |",
-        "|---|---|---|---|---|---|---|",
+        "| method | sites | server CPU s / round | wall s / round | peak MB (in-process) | process MB (sampled) "
+        "| bytes / round / site | dropped |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
         if r.get("status") != "completed":
             lines.append(f"| {r['method']} | {r['sites']} | {r.get('flower_status')} | | | | |")
             continue
-        peak = "n/a" if r["server_peak_mb"] is None else f"{r['server_peak_mb']:.0f}"
+        peak = (
+            "n/a"
+            if r["server_peak_mb"] is None
+            else f"{r['server_peak_mb']:.0f} ({r.get('server_peak_from', 'round-end RSS')})"
+        )
+        sampled = r.get("simulation_process_growth_mb")
         lines.append(
             f"| {r['method']} | {r['sites']} | {r['server_cpu_s_per_round']:.2f} | {r['server_seconds_per_round']:.1f} "
-            f"| {peak} | {r['bytes_per_round_per_site'] / 1e3:.1f} kB | {r['dropped']} |"
+            f"| {peak} | {'n/a' if sampled is None else f'{sampled:.0f}'} "
+            f"| {r['bytes_per_round_per_site'] / 1e3:.1f} kB | {r['dropped']} |"
         )
     lines += ["", "Server CPU per round by stage (s):", ""]
     stages = sorted({k for r in res["rows"] for k in r.get("server_cpu_s_by_stage", {})})
@@ -248,7 +261,8 @@ def render(res: dict) -> str:
         for m, g in res["growth_5_to_50"].items():
             lines.append(
                 f"- {m}: {g['sites'][0]} -> {g['sites'][1]} sites (x{g['sites_ratio']:.0f}): server CPU per round "
-                f"x{g['server_cpu_ratio']:.1f}, memory x{g['memory_ratio']:.1f}, bytes per site per round "
+                f"x{g['server_cpu_ratio']:.1f}, memory x{g['memory_ratio']:.1f} (sampled process x{g['sampled_memory_ratio']:.1f}), "
+                f"bytes per site per round "
                 f"{g['bytes_per_site_change']:+.1%}"
             )
     return "\n".join(lines) + "\n"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import resource
 import time
 
 import numpy as np
@@ -154,6 +155,8 @@ class RoundRecord:
             # the server process's resident memory at the round's end (the ServerApp's own process;
             # in simulation the sites run elsewhere)
             "server_rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1),
+            # and its high-water mark so far (transient peaks between round ends included)
+            "server_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             # evaluate-in-train: the sites' own models after training, before any aggregation
             **({"validation_from": "train-replies"} if self.cfg.evaluate_in_train and scores else {}),
             **(extra or {}),

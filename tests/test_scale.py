@@ -43,7 +43,12 @@ def test_a_unit_is_summarised_from_rounds_one_on(tmp_path):
         "bytes_round0_per_site"
     ] == pytest.approx(1010.0)
     assert s["server_peak_mb"] == pytest.approx(500.0 - 450.0)  # round 0's RSS counts too
-    assert s["server_seconds_per_round"] == pytest.approx(3.0)
+    assert s["server_seconds_per_round"] == pytest.approx(3.0) and s["server_peak_from"] == "round-end RSS"
+    d = tmp_path / "run-5"  # rows that carry the process's high-water mark use it
+    rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    (d / "metrics.jsonl").write_text("\n".join(json.dumps({**r, "server_maxrss_mb": 900.0}) for r in rows) + "\n")
+    s = summarise(d, 5)
+    assert s["server_peak_mb"] == pytest.approx(450.0) and s["server_peak_from"] == "high-water mark"
 
 
 def test_growth_and_table_from_the_units(tmp_path):
