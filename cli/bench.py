@@ -240,7 +240,7 @@ def scale(
 ) -> None:
     """Server CPU, memory and bytes per round with 5, 10, 25 and 50 phantom sites (FedAvg and DSFedMed);
     finished units are kept and skipped."""
-    from bench.scale import METHODS, SITE_COUNTS, run_scale, write_results
+    from bench.scale import METHODS, SITE_COUNTS, refresh_units, run_scale, write_results
 
     _flwr_env()
     bad = [m for m in method if m not in METHODS]
@@ -250,6 +250,7 @@ def scale(
         )
     with stop_children_on_sigterm():
         if report_only:
+            refresh_units(work_dir, results_dir)
             res = write_results(results_dir)
         else:
             res = run_scale(

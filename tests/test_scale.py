@@ -46,7 +46,9 @@ def test_a_unit_is_summarised_from_rounds_one_on(tmp_path):
     assert s["server_seconds_per_round"] == pytest.approx(3.0) and s["server_peak_from"] == "round-end RSS"
     d = tmp_path / "run-5"  # rows that carry the process's high-water mark use it
     rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
-    (d / "metrics.jsonl").write_text("\n".join(json.dumps({**r, "server_maxrss_mb": 900.0}) for r in rows) + "\n")
+    (d / "metrics.jsonl").write_text(
+        "\n".join(json.dumps({**r, "server_maxrss_mb": 900.0}) for r in rows) + "\n"
+    )
     s = summarise(d, 5)
     assert s["server_peak_mb"] == pytest.approx(450.0) and s["server_peak_from"] == "high-water mark"
 
@@ -59,6 +61,22 @@ def test_growth_and_table_from_the_units(tmp_path):
                "server_cpu_s_by_stage": {"send": cpu}, "server_seconds_per_round": 3.0, "server_peak_mb": mb,
                "bytes_per_round_per_site": b, "dropped": 0}  # fmt: skip
         (units / f"dsfedmed-logits-n{sites}.json").write_text(json.dumps(rec))
+    (units / "floors").mkdir()
+    (units / "floors" / "n50.json").write_text(
+        json.dumps(
+            {
+                "untrained": 0.13,
+                "all-foreground": 0.11,
+                "all-background": 0.05,
+                "fm-zero-shot": 0.14,
+                "best_floor": {"name": "untrained", "dice05_test_mean": 0.13},
+            }
+        )  # fmt: skip
+    )
+    rec50 = json.loads((units / "dsfedmed-logits-n50.json").read_text())
+    (units / "dsfedmed-logits-n50.json").write_text(
+        json.dumps({**rec50, "dice05_test_mean": 0.16, "dice_test_mean": 0.2})
+    )
     (units / "fedavg-n5.json").write_text(
         json.dumps({"method": "fedavg", "sites": 5, "flower_status": "finished:failed"})
     )
@@ -70,6 +88,12 @@ def test_growth_and_table_from_the_units(tmp_path):
     md = (tmp_path / "scale.md").read_text()
     assert "| fedavg | 5 | finished:failed |" in md and "server CPU per round x9.0" in md
     assert json.loads((tmp_path / "scale.json").read_text())["rows"][0]["method"] == "dsfedmed-logits"
+    # the floors of the same splits stand beside what the runs learned; 0.16 is within 0.05 of 0.13
+    assert res["floors"]["50"]["fm-zero-shot"] == 0.14
+    assert (
+        "| dsfedmed-logits | 50 | 0.160 (0.200) *at the floor* | n/a | 0.130 | 0.110 | 0.050 | 0.140 |" in md
+    )
+    assert "| dsfedmed-logits | 5 | n/a | n/a | n/a | n/a | n/a | n/a |" in md
 
 
 def test_the_deadline_grows_with_the_sites():
