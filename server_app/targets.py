@@ -32,7 +32,7 @@ class Targets:
     def of(self, site: str, fm_weight: float) -> torch.Tensor:
         own_w = self.weights.get(site, 0.0)
         others_w = self.total_w - own_w
-        if self.total is None or fm_weight >= 1.0 or others_w <= 0 or not (set(self.probs) - {site}):
+        if self.total is None or fm_weight >= 1.0 or others_w <= 0:  # nobody else answered
             return self.fm
         others = self.total - own_w * self.probs[site] if own_w else self.total
         return fm_weight * self.fm + (1.0 - fm_weight) * (others / others_w).clamp(0.0, 1.0)
