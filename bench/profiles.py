@@ -143,6 +143,10 @@ RECIPE = {
 # DSFedMed's teacher alike; the recipe of the issue's calibration, 0.58 Dice@0.5 after 14 epochs of
 # 250 real images)
 FM_RECIPE = {"fm-learning-rate": 3e-4, "fm-batch-size": 8}
+# DSFedMed's teacher learns at the sites before round 1 (client_app/teacher_round.py): 2 rounds of 60
+# decoder steps of 8 embeddings per site (480 image passes, about 2 epochs of the largest site's
+# training split), the decoder averaged. 2 rounds x 5 sites x 2 ways x 8.1 MB (float16) = 162 MB.
+TEACHER_AT_SITES = {"fm-site-rounds": 2, "fm-site-steps": 60}
 # fedfm-decoder's decoder steps per site and round: 32 rounds x 4 steps x 8 = 1,024 image passes
 # per site, about 4 epochs of a site's training split
 FM_DECODER_STEPS = 4
@@ -194,35 +198,49 @@ def _polypgen(name: str, image_size: int, description: str, device_note: str = "
                 "site and round (a decoder step costs about 2.6 s on one core: a full epoch every round "
                 "would be about 3.4 core-hours a unit)",
             ),
-            Variant("dsfedmed-logits", "dsfedmed-logits"),
+            Variant(
+                "dsfedmed-logits",
+                "dsfedmed-logits",
+                TEACHER_AT_SITES,
+                note=f"the teacher first learns at the sites: {TEACHER_AT_SITES['fm-site-rounds']} rounds of "
+                f"{TEACHER_AT_SITES['fm-site-steps']} decoder steps on each site's cached embeddings, "
+                "decoder averaged (float16, its bytes charged)",
+            ),
         ),
         # what each part of DSFedMed adds: one seed each, read against the default's seed spread
         ablations=(
             Variant(
+                "abl-no-site-teacher",
+                "dsfedmed-logits",
+                seeds=(0, 1),
+                note="the teacher never sees real data: adapted on the pool only (the default before "
+                "the teacher's rounds at the sites)",
+            ),
+            Variant(
                 "abl-no-kd",
                 "dsfedmed-logits",
-                {"kd-weight": 0.0},
+                {**TEACHER_AT_SITES, "kd-weight": 0.0},
                 seeds=(0,),
                 note="kd-weight 0: the pool's masks only, no distillation at the sites",
             ),
             Variant(
                 "abl-no-sites-to-fm",
                 "dsfedmed-logits",
-                {"fm-epochs": 0},
+                {**TEACHER_AT_SITES, "fm-epochs": 0},
                 seeds=(0,),
                 note="the FM never learns from the sites (one-way distillation)",
             ),
             Variant(
                 "abl-selection-all",
                 "dsfedmed-logits",
-                {"selection-rule": "all"},
+                {**TEACHER_AT_SITES, "selection-rule": "all"},
                 seeds=(0,),
                 note="distillation on every pool sample (no learnability-guided selection)",
             ),
             Variant(
                 "abl-no-fm-teacher",
                 "dsfedmed-logits",
-                {"target-fm-weight": 0.0},
+                {**TEACHER_AT_SITES, "target-fm-weight": 0.0},
                 seeds=(0,),
                 note="targets from the other sites' ensemble only (FM teacher off)",
             ),
@@ -231,7 +249,7 @@ def _polypgen(name: str, image_size: int, description: str, device_note: str = "
             Variant(
                 "abl-phantom-pool",
                 "dsfedmed-logits",
-                {"pool-source": "phantoms", "pool-dir": ""},
+                {**TEACHER_AT_SITES, "pool-source": "phantoms", "pool-dir": ""},
                 seeds=(0,),
                 note="the pool from built-in phantoms instead of the sites' generators",
             ),

@@ -32,7 +32,7 @@ _PATH_KEYS = ("run-dir", "runs-root", "pool-dir", "split-file", "data-root")
 # run-config keys only DSFedMed reads (its pool, generators, teacher, selection and distillation):
 # not part of a baseline unit's identity, so DSFedMed's recipe can change without re-running them
 _DSFEDMED_KEYS = (
-    "gen-", "pool-", "selection-", "fm-adapt-epochs", "fm-epochs", "fm-prompt", "target-fm-weight",
+    "gen-", "pool-", "selection-", "fm-adapt-epochs", "fm-site-", "fm-epochs", "fm-prompt", "target-fm-weight",
     "kd-weight", "sup-weight", "temperature", "pos-weight", "logit-", "holdout-epochs", "exchange",
 )  # fmt: skip
 _FM_KEYS = ("fm-",)
@@ -171,6 +171,8 @@ def _flower_record(run_dir: Path, wall: float, peak_mb: float, status: str, deta
         model=summary.get("model"),
         extra={k: summary[k] for k in ("fm_eval", "pool") if k in summary},
     )
+    if rows and rows[0].get("fm_site_rounds"):  # DSFedMed's teacher rounds at the sites (round 0's row)
+        rec["extra"]["teacher_rounds"] = rows[0]["fm_site_rounds"]
     return rec
 
 

@@ -12,7 +12,6 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -32,9 +31,10 @@ from client_app.policy import load_policy
 from client_app.privacy import PrivacyLedger
 from client_app.release import release_probs
 from client_app.state import SiteStore
+from client_app.teacher_round import teacher_round
 from client_app.trainer import SiteTrainer, TrainSettings
 from common import protocol as P
-from common.codec import check_pool_record, check_probs_record, decode_record, to_array_record
+from common.codec import check_pool_record, check_probs_record, decode_record, half_precision, to_array_record
 from common.config import NodeConfig, RunConfig, parse_node_config, parse_run_config
 from common.data import default_cache_dir
 from common.fm_cache import CachedPromptFreeSegmenter, EmbeddingCache
@@ -251,7 +251,7 @@ def train_generator_handler(msg: Message, context: Context) -> Message:
             policy.dp, float(stats["dp_epsilon"]), gdp.delta, gdp.noise_multiplier, int(context.run_id)
         )
     if run.gen_upload_dtype == "float16":  # half the bytes; the server's sampler casts them back
-        state = {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in state.items()}
+        state = half_precision(state)
     flat = {k: float(v) for k, v in stats.items() if isinstance(v, int | float)}
     content = RecordDict({P.KEY_GENERATOR: to_array_record(state), P.KEY_GEN_STATS: ConfigRecord(flat)})
     return Message(content, reply_to=msg)
@@ -296,6 +296,29 @@ def _pool_arrays(
     if max(selected, default=-1) >= len(images) or min(selected, default=0) < 0:
         raise PayloadError(f"a selected index is outside the pool of {len(images)} samples")
     return resize_pairs(images[selected], masks[selected], size)
+
+
+@app.train("teacher")
+def train_teacher_handler(msg: Message, context: Context) -> Message:
+    """The teacher's round at this site (client_app/teacher_round.py): the FM's mask decoder in,
+    fine-tuned on this site's training images' cached embeddings, back out in float16."""
+    run, node = _setup(context)
+    cfg = _config(msg)
+    fm_run = run.model_copy(update={"method": "fedfm", "fm_trainable": "decoder"})
+    tr = _trainer(fm_run, node)
+    split = cfg.get(P.CFG_EVALUATE_SPLIT)  # already held to the site's evaluate policy by the guard
+    if split not in (None, "val"):
+        raise PayloadError(f"a train.teacher request may ask for validation on 'val' only, not {split!r}")
+    weights, metrics = teacher_round(
+        tr, msg.content.array_records.get(P.KEY_ARRAYS), run, int(cfg.get(P.CFG_ROUND, 0)), split == "val"
+    )
+    content = RecordDict(
+        {
+            P.KEY_ARRAYS: to_array_record(weights),
+            P.KEY_METRICS: MetricRecord({k: float(v) for k, v in metrics.items()}),
+        }
+    )
+    return Message(content, reply_to=msg)
 
 
 @app.evaluate("pool")

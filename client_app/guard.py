@@ -67,7 +67,7 @@ def site_guard(msg: Message, context: Context, call_next: Callable[[Message, Con
             policy.check_request_size(sum(record_nbytes(r) for r in msg.content.array_records.values()))
             if msg.metadata.message_type == P.MSG_EVALUATE:
                 policy.check_evaluate(_requested_split(msg), _evaluate_counter(node), int(context.run_id))
-            if msg.metadata.message_type == P.MSG_TRAIN:
+            if msg.metadata.message_type in (P.MSG_TRAIN, P.MSG_TRAIN_TEACHER):
                 _apply_policy_to_own_validation(msg, policy, node, int(context.run_id))
             if msg.metadata.message_type == P.MSG_TRAIN and policy.dp.enabled:
                 run = parse_run_config(context.run_config)  # refused before any work, not only after

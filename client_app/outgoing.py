@@ -25,6 +25,7 @@ REPLY_SCHEMA: dict[str, dict[str, str]] = {
     P.MSG_EVALUATE: {P.KEY_METRICS: "metric"},
     P.MSG_TRAIN_GENERATOR: {P.KEY_GENERATOR: "array", P.KEY_GEN_STATS: "config"},
     P.MSG_EVALUATE_POOL: {P.KEY_METRICS: "metric"},
+    P.MSG_TRAIN_TEACHER: {P.KEY_METRICS: "metric", P.KEY_ARRAYS: "array"},
 }
 MAX_STRING = 96
 _SAFE = re.compile(r"^[A-Za-z0-9 ._:;+=@,()-]*$")

@@ -2,7 +2,8 @@
 
 The file is TOML, named by node config ``policy-file`` (``dsfedmed provision`` writes a template)::
 
-    allowed-message-types = ["query.profile", "train", "evaluate", "train.generator", "evaluate.pool"]
+    allowed-message-types = ["query.profile", "train", "evaluate", "train.generator", "evaluate.pool",
+                             "train.teacher"]
     max-reply-bytes = 0              # 0 = no limit; else the largest reply (array bytes) the site sends
     max-request-bytes = 1073741824   # the largest request (array bytes) the site decodes (0 = no limit)
     allow-generator-upload = true    # false: refuse train.generator (the diffusion weights)
@@ -48,6 +49,7 @@ ALL_MESSAGE_TYPES = (
     P.MSG_EVALUATE,
     P.MSG_TRAIN_GENERATOR,
     P.MSG_EVALUATE_POOL,
+    P.MSG_TRAIN_TEACHER,
 )
 
 
@@ -134,6 +136,18 @@ class SitePolicy(_Section):
                 "allow-generator-upload",
                 "this site does not send diffusion generator weights (they can memorise training images)",
             )
+        if message_type == P.MSG_TRAIN_TEACHER:  # refused before any work, not only at the reply
+            if not self.allow_weights_upload:
+                raise PolicyViolation(
+                    "allow-weights-upload",
+                    "this site does not send model weights (train.teacher answers with the FM's decoder)",
+                )
+            if self.dp.enabled:
+                raise PolicyViolation(
+                    "dp.enabled",
+                    "train.teacher answers with the FM's decoder trained on private images, which is not "
+                    "noised: a site under DP does not take part in the teacher's rounds",
+                )
 
     def check_request_size(self, nbytes: int) -> None:
         """Before anything in a request is decoded: its arrays fit the site's own bound."""

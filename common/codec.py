@@ -36,6 +36,13 @@ def to_array_record(state: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
 
 
+def half_precision(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Weights as they travel when half the bytes are enough (the generator upload with
+    ``gen-upload-dtype`` float16, the FM decoder in the teacher's rounds): float32/64 arrays as
+    float16, the rest unchanged. The receiver casts them back to its model's dtype."""
+    return {k: v.astype(np.float16) if v.dtype in (np.float32, np.float64) else v for k, v in state.items()}
+
+
 def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     """A record's arrays by name (``ArrayRecord.to_numpy_ndarrays`` drops the names)."""
     return {k: v.numpy() for k, v in record.items()}

@@ -152,6 +152,18 @@ class RunConfig(_Strict):
         description="epochs of the FM decoder on the synthetic pool's masks before round 1, so the "
         "prompt-free teacher knows the task before it teaches",
     )
+    fm_site_rounds: int = Field(
+        0,
+        ge=0,
+        le=100,
+        description="rounds of the teacher learning at the sites before round 1: each site fine-tunes "
+        "the FM's mask decoder on its own images' cached frozen-encoder embeddings (message "
+        "train.teacher) and the server averages the decoders; 0 = the teacher never sees real data "
+        "(the sites then need no FM)",
+    )
+    fm_site_steps: int = Field(
+        60, ge=1, le=100_000, description="decoder steps per site and teacher round (fm-batch-size each)"
+    )
     target_fm_weight: float = Field(
         0.5,
         ge=0.0,

@@ -35,6 +35,14 @@ DSFedMed additions:
                   its own model on them alone (it never trains on its own labels) and replies with
                   ``metrics`` only: how a hospital that joins late starts from the federation.
 
+  train.teacher   (``fm-site-rounds`` > 0, before round 1) server -> site: ``arrays`` (the FM's mask
+                  decoder, float16), ``config`` (round; ``evaluate-split`` "val" to score the decoder
+                  as received, if the site's evaluate policy allows). The site fine-tunes the decoder
+                  on cached frozen-encoder embeddings of its training images for ``fm-site-steps``.
+                  site -> server: ``arrays`` (its decoder, float16), ``metrics`` (loss, steps, n, and
+                  ``val-*`` of the received decoder). Refused under the site's ``[dp]`` and by
+                  ``allow-weights-upload = false``: a decoder trained on private images is weights.
+
 fedfm baseline (sites fine-tune the FM itself, FedSAM): ``train``/``evaluate`` as FedAvg, where
 ``arrays`` are the FM's weights (all of them, or the mask decoder's with ``fm-trainable=decoder``).
 """
@@ -47,6 +55,7 @@ MSG_TRAIN = "train"
 MSG_EVALUATE = "evaluate"
 MSG_TRAIN_GENERATOR = "train.generator"
 MSG_EVALUATE_POOL = "evaluate.pool"
+MSG_TRAIN_TEACHER = "train.teacher"
 
 # record keys
 KEY_ARRAYS = "arrays"

@@ -33,7 +33,9 @@ POLICY_TOML = """\
 # (node config policy-file). Every default below is permissive; tighten it, then restart the SuperNode.
 
 # message types this site answers; anything else is refused with a reason the server logs
-allowed-message-types = ["query.profile", "train", "evaluate", "train.generator", "evaluate.pool"]
+# (train.teacher: the FM's mask decoder, fine-tuned on this site's images, goes back to the server)
+allowed-message-types = ["query.profile", "train", "evaluate", "train.generator", "evaluate.pool",
+                         "train.teacher"]
 
 # the largest reply this site sends, in bytes (0 = no limit)
 max-reply-bytes = 0

@@ -1,7 +1,8 @@
 """DSFedMed: mutual distillation between the server's foundation model and the sites' models.
 
 Before round 1 (``_setup``/``_round_zero``): the synthetic pool (server_app/pool_stage.py), its
-quality score, the prompt-free FM teacher on the pool's cached embeddings, adapted on the pool.
+quality score, the prompt-free FM teacher on the pool's cached embeddings, adapted on the pool, then
+(``fm-site-rounds``) on the sites' real images at the sites (server_app/teacher_sites.py).
 
 Round r, a short loop over named stages (see common/protocol.py for the records):
   a. ``_stage_select``: the FM's probabilities on every pool sample; learnability-guided selection
@@ -49,12 +50,13 @@ from server_app.synthesis import Pool
 from server_app.targets import Targets, site_targets
 from server_app.targets import ensemble as ensemble_of
 from server_app.teacher import FoundationTeacher
+from server_app.teacher_sites import TeacherAtSites
 from server_app.weights_exchange import WeightsExchange
 
 log = logging.getLogger("dsfedmed.server")
 
 
-class DSFedMedStrategy(PoolStage, WeightsExchange, DeadlineFedAvg):
+class DSFedMedStrategy(PoolStage, TeacherAtSites, WeightsExchange, DeadlineFedAvg):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.require_same_model = self.cfg.exchange != "logits"
@@ -238,6 +240,8 @@ class DSFedMedStrategy(PoolStage, WeightsExchange, DeadlineFedAvg):
             log.info(
                 "FM decoder adapted on the pool: %d epoch(s), loss %.4f", cfg.fm_adapt_epochs, adapt_loss
             )
+        # then on the sites' real images, which only the sites can show it
+        site_rounds = self.teacher_at_sites(rs) if cfg.fm_site_rounds > 0 else []
         self.rundir.save_checkpoint(
             "fm_decoder_adapted.pt", rs.teacher.decoder_state(), {"round": 0, "fm": cfg.fm}
         )
@@ -248,6 +252,7 @@ class DSFedMedStrategy(PoolStage, WeightsExchange, DeadlineFedAvg):
             "pool_size": len(rs.pool),
             "pool_score": rs.pool_score,
             "fm_adapt_loss": adapt_loss,
+            "fm_site_rounds": site_rounds,
         }
         self._write_row(
             self._metrics_row(0, self._scores(ev), {}, ev, None, before, t0, extra),

@@ -29,11 +29,13 @@ class FederationStopped(RuntimeError):
 
 
 def traffic_kind(message_type: str) -> str:
-    """The bucket a message's bytes are booked under: profile, generator, pool, train or evaluate."""
+    """The bucket a message's bytes are booked under: profile, generator, pool,
+    teacher, train or evaluate."""
     return {
         P.MSG_QUERY_PROFILE: "profile",
         P.MSG_TRAIN_GENERATOR: "generator",
         P.MSG_EVALUATE_POOL: "pool",
+        P.MSG_TRAIN_TEACHER: "teacher",
     }.get(message_type, message_type.split(".", 1)[0])
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from common.fileio import atomic_write
 from common.foundation import FoundationSegmenter
 from common.losses import DistillWeights, distillation_loss
+from common.models import load_weights
 
 
 class FoundationTeacher:
@@ -139,6 +140,11 @@ class FoundationTeacher:
             raise ValueError("the checkpoint's FM weights are not this FM's trainable weights")
         net.load_state_dict(state["weights"], strict=False)
         self.opt.load_state_dict(state["opt"])
+
+    def load_decoder(self, state: dict[str, np.ndarray]) -> None:
+        """Continue from another decoder (the sites' average, server_app/teacher_sites.py); checked
+        as any received weights are (keys, shapes, real dtypes, finite)."""
+        load_weights(self.fm.decoder, state, "the FM's mask decoder")
 
     def decoder_state(self) -> dict[str, np.ndarray]:
         return {k: v.detach().cpu().numpy() for k, v in self.fm.decoder.state_dict().items()}

@@ -35,6 +35,9 @@ GENERATOR_RUN = {
     "gen-batch-size": 4,
     "gen-sample-steps": 2,
     "site-models": "phantom-0=unet,phantom-1=segresnet",
+    # the teacher learns at the sites first: one round of one decoder step (train.teacher)
+    "fm-site-rounds": 1,
+    "fm-site-steps": 1,
 }
 
 
@@ -60,6 +63,11 @@ def test_logits_mode_with_generator_pool_and_two_architectures(generator_run):
     assert 0 <= score["dice_pool_mean"] <= 1 and 0 <= score["dice_real_mean"] <= 1
     assert summary["pool"]["score"]["dice_pool_mean"] == score["dice_pool_mean"]
     assert [r["round"] for r in rows] == [0, 1, 2]
+    # before round 1 the FM's decoder went to the two training sites and came back averaged
+    (teacher_round,) = rows[0]["fm_site_rounds"]
+    assert teacher_round["sites"] == ["phantom-0", "phantom-1"] and not teacher_round["errors"]
+    assert set(teacher_round["val_dice05_received"]) == {"phantom-0", "phantom-1"}
+    assert rows[0]["bytes_by_kind"]["teacher"] > 2 * 2 * 4_000_000 * 2 * 0.9  # 2 sites, 2 ways, fp16
     for r in rows[1:]:
         assert r["selection"]["n_selected"] == 4
         # logits exchange: kilobytes, not a model. The pool went out once, with the pool score
