@@ -166,6 +166,13 @@ def aggregate(
         if extras:
             for k in sorted({k for e in extras for k in e}):
                 entry[k], entry[f"{k}_std"] = _stats([e.get(k) for e in extras])
+        teach = [r["extra"]["teacher_rounds"] for r in recs if r.get("extra", {}).get("teacher_rounds")]
+        if teach:  # the sites' validation Dice@0.5 of the teacher as each teacher round received it
+            entry["teacher_val_dice05_received"] = [
+                _stats([float(np.mean(list(t[i]["val_dice05_received"].values())))
+                        for t in teach if i < len(t) and t[i]["val_dice05_received"]])[0]
+                for i in range(max(len(t) for t in teach))
+            ]  # fmt: skip
         # the mean curve over seeds: validation Dice and cumulative bytes per round
         n_r = min(len(r["curve"]) for r in recs)
         entry["curve"] = [
@@ -316,7 +323,7 @@ def judge(methods: dict, best_floor: dict | None = None) -> list[dict]:
     if d.get("fm_dice05_test_adapted") is not None and d.get("fm_dice05_test_zero_shot") is not None:
         v, ref = d["fm_dice05_test_adapted"], d["fm_dice05_test_zero_shot"]
         out.append(
-            {"claim": "the adapted FM (teacher after pool adaptation) beats the zero-shot FM (test)",
+            {"claim": "the adapted FM (teacher before round 1) beats the zero-shot FM (test)",
              "value": round(v, 3), "target": round(ref, 3), "unit": "Dice@0.5", "met": v > ref,
              "by": round(v - ref, 3), "at_end": d.get("fm_dice05_test_end")}
         )  # fmt: skip
@@ -437,6 +444,21 @@ def markdown(res: dict, plots: dict[str, str]) -> str:
                 lines.append(
                     f"| {name} | " + " | ".join(_fmt(m["dice05_test_per_site"].get(s)) for s in sites) + " |"
                 )
+    teachers = [(n, m) for n, m in res["methods"].items() if m.get("fm_dice05_test_adapted") is not None]
+    if teachers:
+        lines += ["", "The teacher (the FM, prompt-free) on the sites' test splits / the held-out hospital, "
+                  "Dice@0.5: zero-shot, after its adaptation before round 1 (pool, then the sites where "
+                  "fm-site-rounds > 0), at the end; and the sites' validation Dice@0.5 of the teacher as "
+                  "each teacher round received it (the first: after the pool only):", "",
+                  "| method | zero-shot | adapted | end | held-out: zero-shot / adapted / end | val. by teacher round |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for n, m in teachers:
+            held = " / ".join(_fmt(m.get(f"fm_dice05_holdout_{k}")) for k in ("zero_shot", "adapted", "end"))
+            val = ", ".join(_fmt(v) for v in m.get("teacher_val_dice05_received", [])) or "-"
+            lines.append(
+                f"| {n} | {_fmt(m.get('fm_dice05_test_zero_shot'))} | {_fmt(m.get('fm_dice05_test_adapted'), m.get('fm_dice05_test_adapted_std'))} "
+                f"| {_fmt(m.get('fm_dice05_test_end'), m.get('fm_dice05_test_end_std'))} | {held} | {val} |"
+            )
     kinds_rows = [(n, m["bytes_by_kind"]) for n, m in res["methods"].items() if m.get("bytes_by_kind")]
     if kinds_rows:
         kinds = sorted({k for _, d in kinds_rows for k in d})

@@ -131,6 +131,7 @@ def test_node_config_policy_and_env_files(keys, tmp_path):
         "evaluate",
         "train.generator",
         "evaluate.pool",
+        "train.teacher",
     ]
     assert policy["max-reply-bytes"] == 0 and policy["allow-generator-upload"] is True
     assert policy["dp"] == {
