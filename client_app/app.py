@@ -30,11 +30,12 @@ from client_app.guard import ledger_path, request_bounds, site_guard
 from client_app.policy import load_policy
 from client_app.privacy import PrivacyLedger
 from client_app.release import release_probs
+from client_app.requests import own_validation, pool_arrays
 from client_app.state import SiteStore
 from client_app.teacher_round import teacher_round
 from client_app.trainer import SiteTrainer, TrainSettings
 from common import protocol as P
-from common.codec import check_pool_record, check_probs_record, decode_record, half_precision, to_array_record
+from common.codec import check_probs_record, decode_record, half_precision, to_array_record
 from common.config import NodeConfig, RunConfig, parse_node_config, parse_run_config
 from common.data import default_cache_dir
 from common.fm_cache import CachedPromptFreeSegmenter, EmbeddingCache
@@ -43,8 +44,6 @@ from common.generator import DPSGD, generator_config_from_run, train_generator
 from common.losses import DistillWeights
 from common.runtime import configure_threads, package_versions, resolve_device, setup_logging
 from common.sites import check_no_server_paths, load_site
-from common.transforms import resize_pairs
-from common.validation import PayloadInvalid, check_pool
 
 log = logging.getLogger("dsfedmed.client")
 app = ClientApp(mods=[site_guard, request_bounds])  # every handler: the site guard, then the size gate
@@ -160,7 +159,7 @@ def train(msg: Message, context: Context) -> Message:
     if saved is not None:
         tr.optim_states = dict(saved[1])
     metrics = tr.train(TrainSettings.from_run(run, server_round))
-    metrics.update(_own_validation(tr, cfg))
+    metrics.update(own_validation(tr, cfg))
     store.save_optimizer(tr.optim_states, server_round)
     content = RecordDict(
         {
@@ -169,26 +168,6 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     return Message(content, reply_to=msg)
-
-
-def _own_validation(tr: SiteTrainer, cfg: ConfigRecord) -> dict[str, float]:
-    """With ``evaluate-in-train``: the trained model's validation scores for the train reply,
-    ``val-`` prefixed (the site guard has already applied the site's evaluate policy to the request;
-    only the validation split may be asked for this way)."""
-    split = cfg.get(P.CFG_EVALUATE_SPLIT)
-    if split is None:
-        return {}
-    if split != "val":
-        raise PayloadError(f"a train request may ask for validation on 'val' only, not {split!r}")
-    res = tr.evaluate("val")
-    keys = {
-        "dice": P.MET_DICE,
-        "iou": P.MET_IOU,
-        "dice05": P.MET_DICE05,
-        "iou05": P.MET_IOU05,
-        "n": P.MET_NUM_EXAMPLES,
-    }
-    return {P.MET_VAL_PREFIX + name: float(res[k]) for k, name in keys.items()}
 
 
 @app.evaluate()
@@ -257,47 +236,6 @@ def train_generator_handler(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-def _pool_arrays(
-    msg: Message, store: SiteStore, pool_id: str, selected: list[int] | None, included: str, size: int
-):
-    """The synthetic pairs a request refers to (``selected`` None = the whole pool) at ``size``; a
-    whole pool that arrives is cached (at the size it travelled at) for later rounds, which then
-    refer to it by id. The pool travels at the size it was made at and is resized here exactly as
-    the server resizes it."""
-    if included in ("all", "selected"):
-        if P.KEY_POOL not in msg.content.array_records:
-            raise PayloadError(
-                f"message says the pool is included ({included}) but has no '{P.KEY_POOL}' record"
-            )
-        # its byte size was bounded by _check_request; here its arrays, shapes and mask values
-        images, masks = check_pool_record(msg.content.array_records[P.KEY_POOL])
-        if included == "selected":
-            if selected is None or len(images) != len(selected):
-                raise PayloadError(
-                    f"{len(images)} pool images sent for {len(selected or [])} selected samples"
-                )
-            return resize_pairs(images, masks, size)
-        store.save_pool(pool_id, images, masks)
-    else:
-        cached = store.load_pool(pool_id)
-        if cached is None:
-            raise PoolMissing(
-                f"synthetic pool {pool_id} is not cached at this site; the server must resend it"
-            )
-        images, masks = cached
-        try:  # a damaged copy on disk is as good as none: the server resends the pool
-            check_pool(images, masks, what=f"cached pool {pool_id}")
-        except PayloadInvalid as exc:
-            raise PoolMissing(
-                f"synthetic pool {pool_id} is not cached at this site ({exc}); the server must resend it"
-            ) from None
-    if selected is None:
-        return resize_pairs(images, masks, size)
-    if max(selected, default=-1) >= len(images) or min(selected, default=0) < 0:
-        raise PayloadError(f"a selected index is outside the pool of {len(images)} samples")
-    return resize_pairs(images[selected], masks[selected], size)
-
-
 @app.train("teacher")
 def train_teacher_handler(msg: Message, context: Context) -> Message:
     """The teacher's round at this site (client_app/teacher_round.py): the FM's mask decoder in,
@@ -328,7 +266,7 @@ def evaluate_pool(msg: Message, context: Context) -> Message:
     cfg = _config(msg)
     tr = _trainer(run, node)
     store = SiteStore(node.state_dir, _state_key(msg, context), tr.site.name)
-    images, masks = _pool_arrays(msg, store, str(cfg.get(P.CFG_POOL_ID, "")), None, "all", run.image_size)
+    images, masks = pool_arrays(msg, store, str(cfg.get(P.CFG_POOL_ID, "")), None, "all", run.image_size)
     settings = TrainSettings(run.pool_score_epochs, run.batch_size, run.learning_rate, run.augment, run.seed)
     res = tr.pool_score(images, masks, settings)
     return Message(
@@ -368,7 +306,7 @@ def _train_dsfedmed(msg: Message, context: Context, run: RunConfig, node: NodeCo
         tr.set_weights(_weights(msg))
     included = str(cfg.get(P.CFG_POOL_INCLUDED, "selected"))
     whole = included in ("all", "none")  # the whole pool is (or is cached) here: train on all of it
-    syn_images, syn_masks = _pool_arrays(
+    syn_images, syn_masks = pool_arrays(
         msg, store, str(cfg.get(P.CFG_POOL_ID, "")), None if whole else selected, included, run.image_size
     )
     teacher = check_probs_record(
@@ -412,7 +350,7 @@ def _train_dsfedmed(msg: Message, context: Context, run: RunConfig, node: NodeCo
         },
     )
     if not bootstrap:
-        metrics.update(_own_validation(tr, cfg))
+        metrics.update(own_validation(tr, cfg))
     content = RecordDict({P.KEY_METRICS: MetricRecord({k: float(v) for k, v in metrics.items()})})
     if bootstrap:
         return Message(content, reply_to=msg)

@@ -42,12 +42,12 @@ from common.transforms import resize_pairs
 from common.validation import PayloadInvalid
 from server_app.fedavg import DeadlineFedAvg
 from server_app.federation import Exchange, FederationStopped
+from server_app.holdout import HoldoutBootstrap
 from server_app.pool_stage import PoolStage
 from server_app.round_state import Replies, RoundState, Selection
 from server_app.selection import SelectionConfig, select
 from server_app.stage_clock import StageClock
-from server_app.synthesis import Pool
-from server_app.targets import Targets, site_targets
+from server_app.targets import Targets
 from server_app.targets import ensemble as ensemble_of
 from server_app.teacher import FoundationTeacher
 from server_app.teacher_sites import TeacherAtSites
@@ -56,7 +56,7 @@ from server_app.weights_exchange import WeightsExchange
 log = logging.getLogger("dsfedmed.server")
 
 
-class DSFedMedStrategy(PoolStage, TeacherAtSites, WeightsExchange, DeadlineFedAvg):
+class DSFedMedStrategy(PoolStage, TeacherAtSites, HoldoutBootstrap, WeightsExchange, DeadlineFedAvg):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.require_same_model = self.cfg.exchange != "logits"
@@ -76,50 +76,6 @@ class DSFedMedStrategy(PoolStage, TeacherAtSites, WeightsExchange, DeadlineFedAv
             return check_probs_record(rec, n, self.cfg.logit_size, self.cfg.logit_dtype), None
         except PayloadInvalid as exc:
             return None, str(exc)
-
-    def _bootstrap_holdout(
-        self,
-        pool: Pool,
-        teacher: FoundationTeacher,
-        has_pool: set[int],
-        rnd: int,
-        site_probs: dict[str, torch.Tensor],
-        site_counts: dict[str, float],
-    ) -> dict:
-        """Logits exchange: the held-out site has no model of its own yet. It gets what a hospital
-        joining the federation would get (the synthetic pool and the run's final targets on all of
-        it: the final FM mixed with every site's last answers, server_app/targets.py) and trains its
-        site model on those alone; its own labels are only used to test it."""
-        cfg, node = self.cfg, self.holdout_node
-        idx = np.arange(len(pool))
-        final = site_targets(
-            teacher.probs(None, cfg.logit_size),
-            site_probs,
-            site_counts,
-            cfg.holdout_site,
-            cfg.target_fm_weight,
-        )
-        soft = encode_probs(final, cfg.logit_size, cfg.logit_dtype)
-        conf = {
-            P.CFG_ROUND: rnd,
-            P.CFG_STAGE: P.STAGE_BOOTSTRAP,
-            P.CFG_POOL_ID: pool.pool_id,
-            P.CFG_SELECTED: [int(i) for i in idx],
-            P.CFG_EXCHANGE: cfg.exchange,
-            P.CFG_MODEL: cfg.model,
-            P.CFG_POOL_INCLUDED: "none" if node in has_pool else "all",
-        }
-        rec = RecordDict({P.KEY_SOFT: to_array_record({P.ARR_PROBS: soft}), P.KEY_CONFIG: ConfigRecord(conf)})
-        if node not in has_pool:
-            rec[P.KEY_POOL] = to_array_record({P.ARR_IMAGES: pool.images, P.ARR_MASKS: pool.masks})
-        ex = self.fed.send([self.fed.make(node, P.MSG_TRAIN, rec, rnd)], cfg.round_timeout_s)
-        site = cfg.holdout_site
-        if site in ex.replies and not self.validate_metrics(ex.replies[site]):
-            log.info("held-out site %s trained its model on the %d-sample pool and the FM", site, len(idx))
-            return {"status": "trained", "samples": len(idx), "epochs": cfg.holdout_epochs}
-        reason = ex.errors.get(site) or ("no answer" if site in ex.timeouts else "reply without metrics")
-        log.warning("held-out site %s could not bootstrap: %s", site, reason)
-        return {"status": "failed", "reason": reason}
 
     # --- the run: setup, then a short loop over named stages ----------------------------------
     def start(  # type: ignore[override]

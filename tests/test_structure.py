@@ -10,7 +10,7 @@ import sys
 from tests.conftest import REPO
 
 PACKAGES = ("client_app", "server_app", "common", "ops")
-MAX_LINES = 440  # "about 400"
+MAX_LINES = 400  # the lean-site issue: "no module over about 400 lines"
 
 
 def _modules(*packages: str):
