@@ -118,18 +118,18 @@ def train_msg(selected, included="all", soft=None, pool=None, pool_id="p1"):
 # --- an in-process grid and a stub foundation model ------------------------------------------------
 
 
-class LoopbackGrid:
-    """Flower's Grid, in-process: every pushed message is answered by the real ClientApp with the
-    node's Context; ``damage(node, request, reply)`` may replace a reply before the server pulls it."""
+class ScriptedGrid:
+    """Flower's Grid, in-process: every pushed message is answered at once by ``answer(node,
+    message)`` (a reply Message), which the server then pulls."""
 
-    def __init__(self, contexts: dict[int, Context], damage=None):
-        self.contexts, self.damage = contexts, damage
+    def __init__(self, nodes, answer):
+        self.nodes, self.answer = list(nodes), answer
         self.replies: dict[str, Message] = {}
-        self.good: dict[tuple[int, str], Message] = {}  # (node, message type) -> last real reply
+        self.pushed: list[Message] = []
         self._n = 0
 
     def get_node_ids(self):
-        return list(self.contexts)
+        return list(self.nodes)
 
     def push_messages(self, messages):
         ids = []
@@ -137,19 +137,32 @@ class LoopbackGrid:
             self._n += 1
             mid = f"m{self._n}"
             m.metadata.__dict__["_message_id"] = mid
+            self.pushed.append(m)
             node = m.metadata.dst_node_id
-            rep = app(m, self.contexts[node])
+            rep = self.answer(node, m)
             rep.metadata.__dict__["_src_node_id"] = node
-            self.good[(node, m.metadata.message_type)] = rep
-            if self.damage is not None:
-                rep = self.damage(node, m, rep)
-                rep.metadata.__dict__["_src_node_id"] = node
             self.replies[mid] = rep
             ids.append(mid)
         return ids
 
     def pull_messages(self, message_ids):
         return [self.replies.pop(i) for i in message_ids if i in self.replies]
+
+
+class LoopbackGrid(ScriptedGrid):
+    """Every pushed message is answered by the real ClientApp with the node's Context;
+    ``damage(node, request, reply)`` may replace a reply before the server pulls it."""
+
+    def __init__(self, contexts: dict[int, Context], damage=None):
+        super().__init__(contexts, self._answer)
+        self.contexts, self.damage = contexts, damage
+        self.good: dict[tuple[int, str], Message] = {}  # (node, message type) -> last real reply
+
+    def _answer(self, node: int, m: Message) -> Message:
+        rep = app(m, self.contexts[node])
+        rep.metadata.__dict__["_src_node_id"] = node
+        self.good[(node, m.metadata.message_type)] = rep
+        return self.damage(node, m, rep) if self.damage is not None else rep
 
 
 class StubFM:

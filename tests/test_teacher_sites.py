@@ -18,7 +18,7 @@ from server_app.dsfedmed import DSFedMedStrategy
 from server_app.federation import Federation, traffic_kind
 from server_app.round_state import RoundState
 from server_app.rundir import RunDirectory
-from tests.support import DSFEDMED_HANDLER_RUN, site_context
+from tests.support import DSFEDMED_HANDLER_RUN, ScriptedGrid, site_context
 
 RUN = {**DSFEDMED_HANDLER_RUN, "phantom-images-per-site": 8, "fm-site-steps": 1, "fm-batch-size": 2}
 
@@ -99,41 +99,21 @@ def test_policy_check_of_the_request_alone_refuses_the_teacher_round(policy):
 # --- at the server -----------------------------------------------------------------------------
 
 
-class _Sites:
-    """A grid whose sites answer train.teacher with a decoder of constant value (and bad replies)."""
+def _sites(answers: dict[int, tuple[float, int, float]]) -> ScriptedGrid:
+    """Sites that answer train.teacher with a decoder of constant value: node -> (weight value,
+    num-examples, validation Dice@0.5)."""
 
-    def __init__(self, answers: dict[int, tuple[float, int, float]]):
-        self.answers = answers  # node -> (weight value, num-examples, val dice05)
-        self.replies: dict[str, Message] = {}
-        self.sent: list[Message] = []
-        self._n = 0
+    def answer(node: int, m: Message) -> Message:
+        value, n, val = answers[node]
+        ref = from_array_record(m.content.array_records[P.KEY_ARRAYS])
+        arrays = {k: np.full_like(v, value) for k, v in ref.items()}
+        metrics = {P.MET_NUM_EXAMPLES: float(n), "steps": 1.0, P.MET_VAL_PREFIX + P.MET_DICE05: val}
+        return Message(
+            RecordDict({P.KEY_ARRAYS: to_array_record(arrays), P.KEY_METRICS: MetricRecord(metrics)}),
+            reply_to=m,
+        )
 
-    def get_node_ids(self):
-        return list(self.answers)
-
-    def push_messages(self, messages):
-        ids = []
-        for m in messages:
-            self._n += 1
-            mid = f"m{self._n}"
-            m.metadata.__dict__["_message_id"] = mid
-            self.sent.append(m)
-            node = m.metadata.dst_node_id
-            value, n, val = self.answers[node]
-            ref = from_array_record(m.content.array_records[P.KEY_ARRAYS])
-            arrays = {k: np.full_like(v, value) for k, v in ref.items()}
-            metrics = {P.MET_NUM_EXAMPLES: float(n), "steps": 1.0, P.MET_VAL_PREFIX + P.MET_DICE05: val}
-            rep = Message(
-                RecordDict({P.KEY_ARRAYS: to_array_record(arrays), P.KEY_METRICS: MetricRecord(metrics)}),
-                reply_to=m,
-            )
-            rep.metadata.__dict__["_src_node_id"] = node
-            self.replies[mid] = rep
-            ids.append(mid)
-        return ids
-
-    def pull_messages(self, message_ids):
-        return [self.replies.pop(i) for i in message_ids if i in self.replies]
+    return ScriptedGrid(answers, answer)
 
 
 class _Decoder:
@@ -179,14 +159,14 @@ def _rs(teacher) -> RoundState:
 def test_server_averages_the_sites_decoders_by_training_set_size(tmp_path, task_identity):
     """A: 1.0 (100 images), B: 3.0 (300), C: NaN weights (rejected, booked): the teacher continues
     from 2.5; the decoder travels in float16 both ways, booked as 'teacher' traffic."""
-    grid = _Sites({1: (1.0, 100, 0.2), 2: (3.0, 300, 0.4), 3: (float("nan"), 50, 0.3)})
+    grid = _sites({1: (1.0, 100, 0.2), 2: (3.0, 300, 0.4), 3: (float("nan"), 50, 0.3)})
     st, teacher = _strategy(tmp_path, grid), _Decoder()
     rows = st.teacher_at_sites(_rs(teacher))
     assert len(rows) == 2 and len(teacher.loaded) == 2
     assert np.allclose(teacher.state["w"], 2.5) and np.allclose(teacher.state["b"], 2.5)
     assert rows[0]["sites"] == ["A", "B"] and "C" in rows[0]["errors"] and "finite" in rows[0]["errors"]["C"]
     assert rows[0]["val_dice05_received"] == {"A": 0.2, "B": 0.4}
-    sent = grid.sent[0]
+    sent = grid.pushed[0]
     assert sent.metadata.message_type == P.MSG_TRAIN_TEACHER
     assert all(
         v.dtype == np.float16 for v in from_array_record(sent.content.array_records[P.KEY_ARRAYS]).values()
@@ -196,7 +176,7 @@ def test_server_averages_the_sites_decoders_by_training_set_size(tmp_path, task_
 
 
 def test_server_keeps_the_teacher_when_no_site_sends_a_usable_decoder(tmp_path, task_identity):
-    grid = _Sites({1: (float("inf"), 100, 0.2), 2: (float("nan"), 300, 0.4), 3: (float("nan"), 50, 0.3)})
+    grid = _sites({1: (float("inf"), 100, 0.2), 2: (float("nan"), 300, 0.4), 3: (float("nan"), 50, 0.3)})
     st, teacher = _strategy(tmp_path, grid, rounds=3), _Decoder()
     rows = st.teacher_at_sites(_rs(teacher))
     assert len(rows) == 1 and rows[0]["sites"] == [] and not teacher.loaded  # stops after round 1
@@ -204,7 +184,7 @@ def test_server_keeps_the_teacher_when_no_site_sends_a_usable_decoder(tmp_path, 
 
 
 def test_a_site_cannot_outweigh_its_profile(tmp_path, task_identity):
-    grid = _Sites({1: (1.0, 100, 0.2), 2: (3.0, 10_000, 0.4), 3: (2.0, 50, 0.3)})
+    grid = _sites({1: (1.0, 100, 0.2), 2: (3.0, 10_000, 0.4), 3: (2.0, 50, 0.3)})
     st, teacher = _strategy(tmp_path, grid, rounds=1), _Decoder()
     rows = st.teacher_at_sites(_rs(teacher))
     assert "B" in rows[0]["errors"] and np.allclose(teacher.state["w"], (100 * 1.0 + 50 * 2.0) / 150)
