@@ -150,7 +150,7 @@ def test_bar_judges_the_teacher_and_the_distance_to_fedfm_decoder():
         "fedfm-decoder": {"dice05_test_mean": 0.50},
     }
     bar = {b["claim"]: b for b in judge(methods)}
-    teacher = bar["the adapted FM (teacher after pool adaptation) beats the zero-shot FM (test)"]
+    teacher = bar["the adapted FM (teacher before round 1) beats the zero-shot FM (test)"]
     assert not teacher["met"] and teacher["by"] == pytest.approx(-0.01) and teacher["at_end"] == 0.25
     near = bar["dsfedmed-logits within 5 points of fedfm-decoder (test)"]
     assert near["met"] and near["value"] == pytest.approx(-0.04)
